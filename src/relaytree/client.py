@@ -1,0 +1,303 @@
+"""Client library: the controller is the root of the tree.
+
+The CLI and the Ansible layer both go through `Client`; nothing else builds requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import os
+import socket
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import grpc
+from ClusterShell.NodeSet import NodeSet, NodeSetException
+
+import relaytree
+from relaytree import tree, wire
+from relaytree.results import NodeOutcome, Status, unreachable
+from relaytree.v1 import relaytree_pb2 as pb
+
+# Chosen from bench/engine.py (see the closing note of the engine issue): commands are
+# latency-bound (wide tree, 2-3 hops), copies bandwidth-bound (narrow tree).
+DEFAULT_EXEC_WIDTH = 32
+DEFAULT_COPY_WIDTH = 2
+DEFAULT_CHUNK = 1 << 20
+DEFAULT_WINDOW = 4
+DEFAULT_BATCH_MS = 5
+DEFAULT_CONNECT_TIMEOUT = 5.0
+NO_TIMEOUT_DEADLINE = 86400.0
+
+Nodes = Union[str, Iterable[str]]
+ResultCallback = Callable[[NodeOutcome], None]
+Signer = Callable[[bytes], pb.Authenticator]
+
+
+class ClientError(Exception):
+    """Bad input to an operation (node set, source file, options): nothing was sent."""
+
+
+def expand(nodes: Nodes) -> List[str]:
+    """Node names in order: a ClusterShell node set string, or any iterable of names."""
+    if isinstance(nodes, str):
+        try:
+            names = list(NodeSet(nodes))
+        except NodeSetException as exc:
+            raise ClientError("bad node set %r: %s" % (nodes, exc)) from None
+    else:
+        names = [str(n) for n in nodes]
+    seen, ordered = set(), []
+    for name in names:
+        name = name.strip()
+        if not name:
+            raise ClientError("empty node name in %r" % (nodes,))
+        if name not in seen:
+            seen.add(name)
+            ordered.append(name)
+    if not ordered:
+        raise ClientError("no nodes given")
+    return ordered
+
+
+def fold(names: Iterable[str]) -> str:
+    return str(NodeSet.fromlist(list(names)))
+
+
+def _hostport(host: str, port: int) -> str:
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def resolve(names: Sequence[str], port: int) -> Tuple[List[pb.Target], Dict[str, str]]:
+    """Targets with addresses from the system resolver; errors by name for the others."""
+    def lookup(name: str) -> Tuple[str, Optional[str], str]:
+        try:
+            ipaddress.ip_address(name)
+            return name, _hostport(name, port), ""
+        except ValueError:
+            pass
+        try:
+            infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            return name, None, "cannot resolve %s: %s" % (name, exc)
+        # Prefer IPv4 when a name has both (cluster fabrics mostly are).
+        infos.sort(key=lambda info: info[0] != socket.AF_INET)
+        return name, _hostport(infos[0][4][0], port), ""
+
+    if len(names) > 64:
+        with ThreadPoolExecutor(16) as pool:
+            looked = list(pool.map(lookup, names))
+    else:
+        looked = [lookup(n) for n in names]
+    targets, errors = [], {}
+    for name, address, error in looked:
+        if address is None:
+            errors[name] = error
+        else:
+            targets.append(pb.Target(name=name, address=address))
+    return targets, errors
+
+
+def _sha256_file(path: str, bufsize: int = 4 << 20) -> Tuple[int, bytes]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(bufsize)
+            if not block:
+                break
+            size += len(block)
+            digest.update(block)
+    return size, digest.digest()
+
+
+class Client:
+    def __init__(self, *, port: int = relaytree.DEFAULT_PORT,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 batch_ms: int = DEFAULT_BATCH_MS,
+                 credentials: Optional[grpc.ChannelCredentials] = None,
+                 target_name_override: Optional[str] = None,
+                 signer: Optional[Signer] = None,
+                 validity: float = 0.0):
+        if not 0 < port < 65536:
+            raise ClientError("bad port %r" % port)
+        if connect_timeout <= 0:
+            raise ClientError("connect timeout must be positive")
+        self.port = port
+        self.connect_timeout = connect_timeout
+        self.batch_ms = batch_ms
+        self.credentials = credentials
+        self.target_name_override = target_name_override
+        self.signer = signer
+        self.validity = validity
+
+    # -- building a request ------------------------------------------------------------
+
+    def _envelope(self, names: Sequence[str], deadline: float, **operation) -> bytes:
+        validity = self.validity or deadline + 60.0
+        envelope = pb.Envelope(
+            protocol_version=relaytree.PROTOCOL_VERSION,
+            controller_version=relaytree.__version__,
+            request_id=uuid.uuid4().hex,
+            not_after_ms=int((time.time() + validity) * 1000),
+            nonce=os.urandom(16),
+            scope=fold(names),
+            **operation)
+        return envelope.SerializeToString()
+
+    def _auth(self, envelope: bytes) -> pb.Authenticator:
+        return self.signer(envelope) if self.signer is not None else pb.Authenticator()
+
+    async def _run(self, kind: str, nodes: Nodes, width: int, deadline: float, operation: dict,
+                   on_result: Optional[ResultCallback], feed: Optional[tree.ChunkFeed] = None,
+                   producer=None) -> Dict[str, NodeOutcome]:
+        names = expand(nodes)
+        if width < 1:
+            raise ClientError("width must be at least 1")
+        if deadline <= 0:
+            raise ClientError("deadline must be positive")
+        envelope = self._envelope(names, deadline, **operation)
+        auth = self._auth(envelope)
+        targets, errors = resolve(names, self.port)
+        outcomes: Dict[str, NodeOutcome] = {}
+
+        def emit(result) -> None:
+            outcome = result if isinstance(result, NodeOutcome) else NodeOutcome.from_pb(result)
+            outcomes[outcome.node] = outcome
+            if on_result is not None:
+                on_result(outcome)
+
+        for name, error in errors.items():
+            emit(unreachable(name, error))
+        pool = wire.ChannelPool(self.credentials, self.target_name_override)
+        loop = asyncio.get_running_loop()
+        fan = tree.Fanout(pool, kind=kind, envelope=envelope, auth=auth, targets=targets,
+                          width=width, connect_timeout=self.connect_timeout,
+                          batch_ms=self.batch_ms, deadline=loop.time() + deadline, emit=emit,
+                          feed=feed)
+        try:
+            if producer is None:
+                await fan.run()
+            else:
+                prod = asyncio.ensure_future(producer())
+                try:
+                    await fan.run()
+                finally:
+                    if not prod.done():
+                        prod.cancel()
+                    await asyncio.gather(prod, return_exceptions=True)
+        finally:
+            await pool.close()
+        # Every target has exactly one outcome, in the order given.
+        return {name: outcomes.get(name) or unreachable(name, "no result") for name in names}
+
+    # -- operations --------------------------------------------------------------------
+
+    async def exec_async(self, nodes: Nodes, command: Union[str, Sequence[str]], *,
+                         env: Optional[Mapping[str, str]] = None, cwd: str = "", user: str = "",
+                         stdin: bytes = b"", timeout: Optional[float] = None,
+                         output_limit: int = 0, width: int = DEFAULT_EXEC_WIDTH,
+                         deadline: Optional[float] = None,
+                         on_result: Optional[ResultCallback] = None) -> Dict[str, NodeOutcome]:
+        """Run a shell string (str) or an argv (list) on every node."""
+        if isinstance(command, str):
+            if not command.strip():
+                raise ClientError("empty command")
+            spec = pb.ExecSpec(shell=command)
+        else:
+            argv = [str(a) for a in command]
+            if not argv:
+                raise ClientError("empty command")
+            spec = pb.ExecSpec(argv=pb.Argv(args=argv))
+        if timeout is not None and timeout <= 0:
+            raise ClientError("timeout must be positive")
+        spec.env.update(dict(env or {}))
+        spec.cwd = cwd
+        spec.user = user
+        spec.stdin = stdin
+        spec.timeout_ms = int(timeout * 1000) if timeout else 0
+        spec.output_limit = output_limit
+        if deadline is None:
+            deadline = timeout + 30.0 + 2 * self.connect_timeout if timeout else NO_TIMEOUT_DEADLINE
+        return await self._run("exec", nodes, width, deadline, {"exec": spec}, on_result)
+
+    async def ping_async(self, nodes: Nodes, *, width: int = DEFAULT_EXEC_WIDTH,
+                         deadline: Optional[float] = None,
+                         on_result: Optional[ResultCallback] = None) -> Dict[str, NodeOutcome]:
+        if deadline is None:
+            deadline = 30.0 + 2 * self.connect_timeout
+        return await self._run("ping", nodes, width, deadline, {"ping": pb.PingSpec()}, on_result)
+
+    async def copy_async(self, nodes: Nodes, src: str, dest: str, *, mode: str = "",
+                         owner: str = "", group: str = "", mkdirs: bool = False,
+                         backup: bool = False, check: bool = False,
+                         width: int = DEFAULT_COPY_WIDTH, chunk_size: int = DEFAULT_CHUNK,
+                         deadline: Optional[float] = None,
+                         on_result: Optional[ResultCallback] = None,
+                         on_progress: Optional[Callable[[int, int], None]] = None,
+                         ) -> Dict[str, NodeOutcome]:
+        """Copy the local file `src` to `dest` on every node (dest may be a directory)."""
+        if not os.path.isabs(dest):
+            raise ClientError("destination must be an absolute path: %r" % dest)
+        if not 0 < chunk_size <= 8 << 20:
+            raise ClientError("chunk size must be between 1 byte and 8 MiB")
+        try:
+            fd = os.open(src, os.O_RDONLY)
+        except OSError as exc:
+            raise ClientError("cannot read %s: %s" % (src, exc.strerror)) from None
+        try:
+            if not os.path.isfile(src):
+                raise ClientError("%s is not a regular file" % src)
+            loop = asyncio.get_running_loop()
+            size, digest = await loop.run_in_executor(None, _sha256_file, src)
+            spec = pb.CopySpec(dest=dest, size=size, sha256=digest, chunk_size=chunk_size,
+                               src_name=os.path.basename(src.rstrip("/")), mode=mode, owner=owner,
+                               group=group, mkdirs=mkdirs, backup=backup, check=check)
+            if deadline is None:
+                deadline = 3600.0 + size / 10e6
+
+            def replay(index: int) -> bytes:
+                return os.pread(fd, chunk_size, index * chunk_size)
+
+            feed = tree.ChunkFeed(DEFAULT_WINDOW, replay)
+
+            async def produce():
+                sent = 0
+                index = 0
+                try:
+                    while sent < size:
+                        chunk = os.pread(fd, chunk_size, index * chunk_size)
+                        if not chunk:
+                            raise tree.CopyAborted("%s shrank while being copied" % src)
+                        await feed.put(chunk)
+                        sent += len(chunk)
+                        index += 1
+                        if on_progress is not None:
+                            on_progress(sent, size)
+                except BaseException as exc:
+                    await feed.finish(exc)
+                    raise
+                await feed.finish()
+
+            return await self._run("copy", nodes, width, deadline, {"copy": spec}, on_result,
+                                   feed=feed, producer=produce)
+        finally:
+            os.close(fd)
+
+    # Synchronous forms, for callers without an event loop.
+    def exec(self, nodes: Nodes, command, **kw) -> Dict[str, NodeOutcome]:
+        return asyncio.run(self.exec_async(nodes, command, **kw))
+
+    def ping(self, nodes: Nodes, **kw) -> Dict[str, NodeOutcome]:
+        return asyncio.run(self.ping_async(nodes, **kw))
+
+    def copy(self, nodes: Nodes, src: str, dest: str, **kw) -> Dict[str, NodeOutcome]:
+        return asyncio.run(self.copy_async(nodes, src, dest, **kw))
+
+
+def all_passed(outcomes: Mapping[str, NodeOutcome]) -> bool:
+    return bool(outcomes) and all(o.status is Status.PASS for o in outcomes.values())

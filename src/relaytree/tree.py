@@ -1,0 +1,346 @@
+"""Tree routing: split targets into groups, forward to group heads, re-head, re-dispatch.
+
+The same code runs on every relay and at the root on the controller (which serves
+nobody itself).  A relay holding targets [me, t1 ... tn] serves itself and hands
+t1 ... tn to a Fanout, which cuts them into `width` contiguous groups and sends each
+group to its first member.  Results come back per node; a node that never reports
+is accounted for here, so every target gets exactly one outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional, Sequence
+
+import grpc
+import grpc.aio
+
+from relaytree import wire
+from relaytree.results import NodeOutcome, Status
+from relaytree.v1 import relaytree_pb2 as pb
+
+log = logging.getLogger("relaytree.tree")
+
+# Codes that say "this head is gone" rather than "this request is bad".
+_DEAD_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN,
+               grpc.StatusCode.INTERNAL, grpc.StatusCode.ABORTED)
+
+
+def split(targets: Sequence, width: int) -> List[list]:
+    """Cut targets into at most `width` contiguous groups whose sizes differ by at most one."""
+    width = max(1, min(width, len(targets)))
+    size, extra = divmod(len(targets), width)
+    groups, start = [], 0
+    for i in range(width):
+        end = start + size + (1 if i < extra else 0)
+        if end > start:
+            groups.append(list(targets[start:end]))
+        start = end
+    return groups
+
+
+def child_timeout(remaining: float) -> float:
+    """Deadline for a child call: a little shorter than ours at every hop, so a parent
+    reports a stuck child before its own parent gives up."""
+    return max(0.05, remaining - min(2.0, 0.05 * remaining + 0.1))
+
+
+class ResultStream:
+    """Results of a subtree on their way up, gathered for `batch_s` before each send."""
+
+    _END = object()
+
+    def __init__(self, expected: int, batch_s: float, max_bytes: int = 4 << 20):
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._expected = expected
+        self._seen = 0
+        self._batch_s = batch_s
+        self._max_bytes = max_bytes
+
+    def put(self, result: pb.NodeResult) -> None:
+        self._seen += 1
+        self._queue.put_nowait(result)
+
+    def close(self) -> None:
+        self._queue.put_nowait(self._END)
+
+    async def batches(self):
+        queue = self._queue
+        while True:
+            item = await queue.get()
+            if item is self._END:
+                return
+            # Wait a little for more, unless the whole subtree has already reported.
+            if self._batch_s > 0 and self._seen < self._expected:
+                await asyncio.sleep(self._batch_s)
+            batch, size, end = [item], item.ByteSize(), False
+            while size < self._max_bytes:
+                try:
+                    item = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+                if item is self._END:
+                    end = True
+                    break
+                batch.append(item)
+                size += item.ByteSize()
+            yield pb.ResultBatch(results=batch)
+            if end:
+                return
+
+
+class ReplayUnavailable(Exception):
+    """A late reader needs chunks this relay no longer has (its local copy failed)."""
+
+
+class CopyAborted(Exception):
+    """The incoming stream broke or was refused: nothing more will come."""
+
+
+class ChunkFeed:
+    """The chunks of one copy, shared by every child stream, with bounded memory.
+
+    The newest `window` chunks stay in memory; `put` waits until every reader that
+    keeps up has taken the chunk about to be dropped (back-pressure up the tree).  A
+    reader that starts late (a re-dispatched subtree) reads older chunks back through
+    `replay` (the local file) and joins the back-pressure once it has caught up.
+    """
+
+    def __init__(self, window: int, replay: Optional[Callable[[int], bytes]]):
+        self.window = max(1, window)
+        self._replay = replay
+        self._chunks: Dict[int, bytes] = {}
+        self.count = 0
+        self.done = False
+        self.error: Optional[BaseException] = None
+        self._cursors: Dict[int, int] = {}
+        self._next_reader = 0
+        self._cond = asyncio.Condition()
+
+    def disable_replay(self) -> None:
+        self._replay = None
+
+    def _blocked(self) -> bool:
+        # The next put drops chunk `oldest`: wait for readers about to take it.  Readers
+        # further behind are replaying from disk and do not hold the stream back.
+        oldest = self.count - self.window
+        return oldest >= 0 and oldest in self._cursors.values()
+
+    async def put(self, chunk: bytes) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: not self._blocked())
+            self._chunks[self.count] = chunk
+            self._chunks.pop(self.count - self.window, None)
+            self.count += 1
+            self._cond.notify_all()
+
+    async def finish(self, error: Optional[BaseException] = None) -> None:
+        async with self._cond:
+            self.done = True
+            self.error = error
+            self._cond.notify_all()
+
+    def reader(self) -> "FeedReader":
+        """A reader positioned at chunk 0; it holds the stream back from now on."""
+        rid = self._next_reader
+        self._next_reader += 1
+        self._cursors[rid] = 0
+        return FeedReader(self, rid)
+
+
+class FeedReader:
+    def __init__(self, feed: ChunkFeed, rid: int):
+        self._feed = feed
+        self._rid = rid
+        self._closed = False
+
+    async def chunks(self):
+        """Every chunk from 0 on, as bytes."""
+        feed, index = self._feed, 0
+        try:
+            while True:
+                async with feed._cond:
+                    await feed._cond.wait_for(lambda: index < feed.count or feed.done)
+                    if index >= feed.count:
+                        if feed.error is not None:
+                            raise CopyAborted(str(feed.error) or type(feed.error).__name__)
+                        return
+                    chunk = feed._chunks.get(index)
+                if chunk is None:
+                    if feed._replay is None:
+                        raise ReplayUnavailable("chunk %d is no longer held by this relay" % index)
+                    chunk = feed._replay(index)
+                yield chunk
+                index += 1
+                async with feed._cond:
+                    if not self._closed:
+                        feed._cursors[self._rid] = index
+                    feed._cond.notify_all()
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._feed._cursors.pop(self._rid, None)
+            async with self._feed._cond:
+                self._feed._cond.notify_all()
+
+
+class Fanout:
+    """Deliver one operation to a list of targets through `width` subtrees.
+
+    kind is "exec", "ping" (unary request, streamed results) or "copy" (chunks from `feed`).
+    `emit` is called with one pb.NodeResult per target, exactly once each.
+    """
+
+    def __init__(self, pool: wire.ChannelPool, *, kind: str, envelope: bytes, auth: pb.Authenticator,
+                 targets: Sequence[pb.Target], width: int, connect_timeout: float, batch_ms: int,
+                 deadline: float, emit: Callable[[pb.NodeResult], None], via: str = "",
+                 feed: Optional[ChunkFeed] = None):
+        self.pool = pool
+        self.kind = kind
+        self.envelope = envelope
+        self.auth = auth
+        self.targets = list(targets)
+        self.width = max(1, width)
+        self.connect_timeout = connect_timeout
+        self.batch_ms = batch_ms
+        self.deadline = deadline  # loop.time() value
+        self.emit = emit
+        self.via = via
+        self.feed = feed
+
+    async def run(self) -> None:
+        if not self.targets:
+            return
+        await asyncio.gather(*(self._group(g) for g in split(self.targets, self.width)))
+
+    def _request(self, pending: "OrderedDict[str, pb.Target]") -> pb.Request:
+        return pb.Request(
+            envelope=self.envelope, auth=self.auth,
+            route=pb.Route(targets=list(pending.values()), width=self.width,
+                           connect_timeout_ms=int(self.connect_timeout * 1000), batch_ms=self.batch_ms))
+
+    def _report(self, pending, names, status: Status, error: str) -> None:
+        for name in list(names):
+            if pending.pop(name, None) is not None:
+                self.emit(NodeOutcome(node=name, status=status, error=error, via=self.via).to_pb())
+
+    async def _group(self, group: List[pb.Target]) -> None:
+        # A copy's first reader is registered before connecting, so the stream waits for
+        # this subtree instead of running ahead; later heads replay what they missed.
+        readers = [self.feed.reader()] if self.feed is not None else []
+        try:
+            await self._dispatch(group, readers)
+        finally:
+            for reader in readers:
+                await reader.close()
+
+    async def _dispatch(self, group: List[pb.Target], readers: list) -> None:
+        loop = asyncio.get_running_loop()
+        pending: "OrderedDict[str, pb.Target]" = OrderedDict((t.name, t) for t in group)
+        while pending:
+            head = next(iter(pending.values()))
+            remaining = self.deadline - loop.time()
+            if remaining <= 0:
+                self._report(pending, pending, Status.TIMEOUT, "deadline passed before delivery")
+                return
+            if not head.address:
+                self._report(pending, [head.name], Status.UNREACHABLE,
+                             "no address for %s" % head.name)
+                continue
+            try:
+                channel = await self.pool.connect(head.address, min(self.connect_timeout, remaining))
+            except wire.Unreachable as exc:
+                self._report(pending, [head.name], Status.UNREACHABLE, str(exc))
+                continue
+            try:
+                await self._call(channel, pending, child_timeout(self.deadline - loop.time()), readers)
+            except grpc.aio.AioRpcError as exc:
+                code, details = exc.code(), exc.details() or ""
+                if code is grpc.StatusCode.DEADLINE_EXCEEDED or self.deadline - loop.time() <= 0:
+                    self._report(pending, pending, Status.TIMEOUT,
+                                 "no result before the deadline (via %s)" % head.name)
+                    return
+                if code in _DEAD_CODES:
+                    self.pool.drop(head.address)
+                    # The head is gone; whoever it had not reported for goes to the next head.
+                    self._report(pending, [head.name], Status.UNREACHABLE,
+                                 "relay %s failed: %s" % (head.name, details or code.name))
+                else:
+                    # The head refused the request (version, signature, policy...): that is
+                    # the head's own verdict; the others decide for themselves.
+                    self._report(pending, [head.name], Status.FAILED, details or code.name)
+                continue
+            except ReplayUnavailable as exc:
+                self._report(pending, pending, Status.FAILED,
+                             "cannot re-dispatch the copy via %s: %s" % (self.via or "root", exc))
+                return
+            except CopyAborted as exc:
+                self._report(pending, pending, Status.FAILED, "copy aborted upstream: %s" % exc)
+                return
+            if pending:
+                # The subtree finished without accounting for some nodes: never leave a
+                # target without an outcome, and do not loop on a misbehaving relay.
+                self._report(pending, pending, Status.UNREACHABLE,
+                             "relay %s returned no result for this node" % head.name)
+
+    def _absorb(self, pending, batch: pb.ResultBatch) -> None:
+        for result in batch.results:
+            if pending.pop(result.node, None) is not None:
+                self.emit(result)
+
+    async def _call(self, channel, pending, timeout: float, readers: list) -> None:
+        request = self._request(pending)
+        if self.kind == "exec":
+            call = wire.exec_method(channel)(request, timeout=timeout)
+        elif self.kind == "ping":
+            call = wire.ping_method(channel)(request, timeout=timeout)
+        else:
+            if not readers:  # a re-dispatch: start over from chunk 0 (replayed)
+                readers.append(self.feed.reader())
+            await self._copy(channel, pending, request, timeout, readers.pop())
+            return
+        try:
+            async for batch in call:
+                self._absorb(pending, batch)
+        finally:
+            call.cancel()
+
+    async def _copy(self, channel, pending, request: pb.Request, timeout: float,
+                    reader: FeedReader) -> None:
+        call = wire.copy_method(channel)(timeout=timeout)
+        header = request.SerializeToString()
+
+        async def send():
+            await call.write(header)
+            async for chunk in reader.chunks():
+                await call.write(chunk)
+            await call.done_writing()
+
+        sender = asyncio.ensure_future(send())
+        # If feeding fails (replay impossible, upstream broke), stop the call at once.
+        sender.add_done_callback(lambda t: t.cancelled() or t.exception() is None or call.cancel())
+        try:
+            while True:
+                batch = await call.read()
+                if batch is grpc.aio.EOF:
+                    break
+                self._absorb(pending, batch)
+        except grpc.aio.AioRpcError:
+            failure = sender.exception() if sender.done() and not sender.cancelled() else None
+            if isinstance(failure, (ReplayUnavailable, CopyAborted)):
+                raise failure from None
+            raise
+        finally:
+            if not sender.done():
+                sender.cancel()
+                try:
+                    await sender
+                except BaseException:  # noqa: BLE001 - the call's own outcome is what matters
+                    pass
+            await reader.close()
+            call.cancel()

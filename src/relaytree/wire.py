@@ -1,0 +1,125 @@
+"""gRPC plumbing shared by the daemon and the controller: method paths, channel options, channel pool."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Dict, Optional
+
+import grpc
+import grpc.aio
+
+from relaytree.v1 import relaytree_pb2 as pb
+
+SERVICE = "relaytree.v1.Relay"
+EXEC = "/%s/Exec" % SERVICE
+PING = "/%s/Ping" % SERVICE
+COPY = "/%s/Copy" % SERVICE
+
+# One ResultBatch may carry several nodes' capped outputs; chunks are 1 MiB.
+MAX_MESSAGE = 64 << 20
+# Largest per-stream output a request may ask the nodes to keep.
+MAX_OUTPUT_LIMIT = 16 << 20
+
+_COMMON_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+]
+
+# Keepalive lets a parent notice a child that vanished without closing its socket.
+CHANNEL_OPTIONS = _COMMON_OPTIONS + [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.enable_retries", 0),
+    # Relays dial nodes by address; the cluster CA binds names *and* addresses.
+]
+
+SERVER_OPTIONS = _COMMON_OPTIONS + [
+    # Two daemons on one address must fail, not silently share the port.
+    ("grpc.so_reuseport", 0),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
+
+
+class Unreachable(Exception):
+    """A node could not be connected to within the connect timeout."""
+
+
+class ChannelPool:
+    """One channel per child address, reused across operations (a new channel costs a handshake)."""
+
+    def __init__(self, credentials: Optional[grpc.ChannelCredentials] = None,
+                 target_name_override: Optional[str] = None):
+        self._credentials = credentials
+        self._override = target_name_override
+        self._channels: Dict[str, grpc.aio.Channel] = {}
+
+    def _new(self, address: str) -> grpc.aio.Channel:
+        if self._credentials is None:
+            return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        options = list(CHANNEL_OPTIONS)
+        if self._override:
+            options.append(("grpc.ssl_target_name_override", self._override))
+        return grpc.aio.secure_channel(address, self._credentials, options=options)
+
+    async def connect(self, address: str, timeout: float) -> grpc.aio.Channel:
+        """A READY channel to address, or Unreachable after at most `timeout` seconds.
+
+        A channel left in TRANSIENT_FAILURE by an earlier failure is replaced, so a node
+        that came back is not held hostage by gRPC's reconnect backoff.
+        """
+        channel = self._channels.get(address)
+        if channel is not None and channel.get_state() in (
+                grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN):
+            self._channels.pop(address, None)
+            await channel.close()
+            channel = None
+        if channel is None:
+            channel = self._channels[address] = self._new(address)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        state = channel.get_state(try_to_connect=True)
+        while state is not grpc.ChannelConnectivity.READY:
+            if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                raise Unreachable("connection to %s failed" % address)
+            if state is grpc.ChannelConnectivity.SHUTDOWN:
+                raise Unreachable("channel to %s shut down" % address)
+            remaining = end - loop.time()
+            if remaining <= 0:
+                raise Unreachable("no connection to %s within %.1fs" % (address, timeout))
+            try:
+                await asyncio.wait_for(channel.wait_for_state_change(state), remaining)
+            except asyncio.TimeoutError:
+                raise Unreachable("no connection to %s within %.1fs" % (address, timeout)) from None
+            state = channel.get_state(try_to_connect=True)
+        return channel
+
+    def drop(self, address: str) -> None:
+        """Forget a channel whose peer died mid-call (the next use reconnects)."""
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            asyncio.ensure_future(channel.close())
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            await channel.close()
+
+
+def exec_method(channel: grpc.aio.Channel):
+    return channel.unary_stream(EXEC, request_serializer=pb.Request.SerializeToString,
+                                response_deserializer=pb.ResultBatch.FromString)
+
+
+def ping_method(channel: grpc.aio.Channel):
+    return channel.unary_stream(PING, request_serializer=pb.Request.SerializeToString,
+                                response_deserializer=pb.ResultBatch.FromString)
+
+
+def copy_method(channel: grpc.aio.Channel):
+    # Raw frames: the header is a serialized Request, then file chunks as they are.
+    return channel.stream_stream(COPY, request_serializer=None,
+                                 response_deserializer=pb.ResultBatch.FromString)
