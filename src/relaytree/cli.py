@@ -53,6 +53,10 @@ def _add_tree_options(p: argparse.ArgumentParser, default_width: int) -> None:
                    help="give up on a node that does not accept a connection within this")
     p.add_argument("--deadline", type=_positive(float), metavar="SECONDS",
                    help="overall deadline of the operation (default: derived from --timeout / size)")
+    p.add_argument("--pki", metavar="DIR",
+                   help="controller keys (default $RELAYTREE_PKI or ~/.relaytree/pki)")
+    p.add_argument("--insecure", action="store_true",
+                   help="plaintext and unsigned: only for daemons started with --insecure")
     p.add_argument("--json", action="store_true", help="one JSON document on stdout")
     p.add_argument("-b", "--gather", action="store_true",
                    help="gather identical outputs into one block per node set (like clush -b)")
@@ -97,6 +101,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ping", help="version, hostname, uptime and load of every node")
     _add_tree_options(p, rclient.DEFAULT_EXEC_WIDTH)
 
+    p = sub.add_parser("keys", help="cluster CA, node certificates, controller signing key")
+    keys_sub = p.add_subparsers(dest="keys_command", metavar="ACTION")
+    keys_sub.required = True
+    k = keys_sub.add_parser("init", help="create what is missing: CA, controller certificate and "
+                                         "signing key, and certificates for --nodes")
+    k.add_argument("--nodes", default="", metavar="NODESET", help="node certificates to issue")
+    k.add_argument("--address", action="append", default=[], metavar="NODE=ADDR",
+                   help="extra address (IP or DNS name) in a node's certificate (repeatable)")
+    k.add_argument("--cluster-name", default="relaytree")
+    k.add_argument("--force", action="store_true",
+                   help="re-issue existing certificates (never replaces the CA or signing key)")
+    k = keys_sub.add_parser("node", help="issue (or with --force re-issue) one node's certificate")
+    k.add_argument("name")
+    k.add_argument("--address", action="append", default=[], metavar="ADDR")
+    k.add_argument("--force", action="store_true")
+    k = keys_sub.add_parser("show", help="what exists, expiry dates, the signing key id")
+    for k in keys_sub.choices.values():
+        k.add_argument("--pki", metavar="DIR",
+                       help="key directory (default $RELAYTREE_PKI or ~/.relaytree/pki)")
+        k.add_argument("--json", action="store_true")
+
     p = sub.add_parser("serve", help="run the relay daemon")
     p.add_argument("--listen", metavar="ADDR:PORT", help="default 0.0.0.0:%d" % relaytree.DEFAULT_PORT)
     p.add_argument("--config", metavar="FILE", help="daemon configuration (TOML)")
@@ -110,7 +135,47 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _client(args) -> rclient.Client:
-    return rclient.Client(port=args.port, connect_timeout=args.connect_timeout)
+    options = dict(port=args.port, connect_timeout=args.connect_timeout)
+    if args.insecure:
+        return rclient.Client(**options)
+    pki = args.pki or rclient.DEFAULT_PKI
+    if not args.pki and not os.path.exists(os.path.join(pki, "ca.crt")):
+        # Nothing to be secure with: the daemons decide (a secure one refuses us).
+        print("relaytree: no controller keys in %s (see `relaytree keys init`): sending plaintext, "
+              "unsigned requests, which only --insecure daemons accept" % pki, file=sys.stderr)
+        return rclient.Client(**options)
+    return rclient.secure_client(pki, **options)
+
+
+def _cmd_keys(args) -> int:
+    from relaytree import keys
+    pki = args.pki or rclient.DEFAULT_PKI
+    try:
+        if args.keys_command == "init":
+            addresses: Dict[str, list] = {}
+            for item in args.address:
+                node, sep, addr = item.partition("=")
+                if not sep or not node or not addr:
+                    raise rclient.ClientError("--address wants NODE=ADDR, got %r" % item)
+                addresses.setdefault(node, []).append(addr)
+            result = keys.setup(pki, args.nodes or (), cluster_name=args.cluster_name,
+                                addresses=addresses, force=args.force)
+        elif args.keys_command == "node":
+            issued = keys.issue_node_cert(pki, args.name, args.address, force=args.force)
+            result = {"created": [str(issued.cert), str(issued.key)]}
+        else:
+            result = keys.describe(pki)
+    except keys.KeysError as exc:
+        raise rclient.ClientError(str(exc)) from None
+    if args.json or args.keys_command == "show":
+        json.dump(result, sys.stdout, indent=1, default=str)
+        sys.stdout.write("\n")
+    else:
+        for path in result.get("created", []):
+            print("created %s" % path)
+        if result.get("key_id"):
+            print("controller signing key id: %s" % result["key_id"])
+    return 0
 
 
 def _print_results(args, kind: str, outcomes: Dict[str, NodeOutcome]) -> int:
@@ -191,7 +256,8 @@ def _cmd_serve(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = {"exec": _cmd_exec, "copy": _cmd_copy, "ping": _cmd_ping, "serve": _cmd_serve}
+    handler = {"exec": _cmd_exec, "copy": _cmd_copy, "ping": _cmd_ping, "serve": _cmd_serve,
+               "keys": _cmd_keys}
     try:
         return handler[args.command](args)
     except rclient.ClientError as exc:

@@ -32,6 +32,9 @@ DEFAULT_WINDOW = 4
 DEFAULT_BATCH_MS = 5
 DEFAULT_CONNECT_TIMEOUT = 5.0
 NO_TIMEOUT_DEADLINE = 86400.0
+MAX_NODES = 1_000_000  # a typo like cn[1-10000000000] must fail, not eat the controller
+# Where `relaytree keys init` puts the controller's CA, client certificate and signing key.
+DEFAULT_PKI = os.environ.get("RELAYTREE_PKI") or os.path.expanduser("~/.relaytree/pki")
 
 Nodes = Union[str, Iterable[str]]
 ResultCallback = Callable[[NodeOutcome], None]
@@ -46,8 +49,12 @@ def expand(nodes: Nodes) -> List[str]:
     """Node names in order: a ClusterShell node set string, or any iterable of names."""
     if isinstance(nodes, str):
         try:
-            names = list(NodeSet(nodes))
-        except NodeSetException as exc:
+            nodeset = NodeSet(nodes)
+            if len(nodeset) > MAX_NODES:
+                raise ClientError("node set %r has %d nodes, more than %d"
+                                  % (nodes, len(nodeset), MAX_NODES))
+            names = list(nodeset)
+        except (NodeSetException, ValueError, AssertionError) as exc:
             raise ClientError("bad node set %r: %s" % (nodes, exc)) from None
     else:
         names = [str(n) for n in nodes]
@@ -120,7 +127,6 @@ class Client:
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  batch_ms: int = DEFAULT_BATCH_MS,
                  credentials: Optional[grpc.ChannelCredentials] = None,
-                 target_name_override: Optional[str] = None,
                  signer: Optional[Signer] = None,
                  validity: float = 0.0):
         if not 0 < port < 65536:
@@ -131,7 +137,6 @@ class Client:
         self.connect_timeout = connect_timeout
         self.batch_ms = batch_ms
         self.credentials = credentials
-        self.target_name_override = target_name_override
         self.signer = signer
         self.validity = validity
 
@@ -173,7 +178,7 @@ class Client:
 
         for name, error in errors.items():
             emit(unreachable(name, error))
-        pool = wire.ChannelPool(self.credentials, self.target_name_override)
+        pool = wire.ChannelPool(self.credentials)
         loop = asyncio.get_running_loop()
         fan = tree.Fanout(pool, kind=kind, envelope=envelope, auth=auth, targets=targets,
                           width=width, connect_timeout=self.connect_timeout,
@@ -297,6 +302,18 @@ class Client:
 
     def copy(self, nodes: Nodes, src: str, dest: str, **kw) -> Dict[str, NodeOutcome]:
         return asyncio.run(self.copy_async(nodes, src, dest, **kw))
+
+
+def secure_client(pki_dir: str = DEFAULT_PKI, **kw) -> Client:
+    """A Client using the controller's TLS certificate and signing key from `pki_dir`."""
+    from relaytree import auth, keys  # cryptography: only needed in secure mode
+    try:
+        cert, key, ca = keys.controller_tls_files(pki_dir)
+        credentials = keys.channel_credentials(cert, key, ca)
+        signing_key = keys.load_signing_key(os.path.join(pki_dir, "signing", "controller.key"))
+    except keys.KeysError as exc:
+        raise ClientError("controller keys: %s (create them with `relaytree keys init`)" % exc) from None
+    return Client(credentials=credentials, signer=lambda envelope: auth.sign(envelope, signing_key), **kw)
 
 
 def all_passed(outcomes: Mapping[str, NodeOutcome]) -> bool:

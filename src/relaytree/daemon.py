@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import sys
 from dataclasses import fields
 from typing import Any, Dict, Optional
@@ -72,24 +73,54 @@ def settings_from(args, config: Dict[str, Any]) -> server.Settings:
     return settings
 
 
-def _credentials(settings: server.Settings):
-    """(server credentials, channel credentials) from [tls], or (None, None) when insecure."""
-    tls = settings.extra.get("tls")
+def _node_names(settings: server.Settings, configured) -> list:
+    """The names this node answers to in a request's scope: configured ones, the
+    hostname (short and full) and the address it listens on."""
+    names = [str(n) for n in configured or ()]
+    host = socket.gethostname()
+    names += [host, host.split(".")[0], socket.getfqdn()]
+    listen_host = settings.listen.rsplit(":", 1)[0].strip("[]")
+    if listen_host not in ("", "0.0.0.0", "::"):
+        names.append(listen_host)
+    return [n for n in dict.fromkeys(names) if n]
+
+
+def security(settings: server.Settings):
+    """(server credentials, channel credentials, verifier) from [tls] and [auth];
+    (None, None, None) in insecure mode, which says so loudly."""
     if settings.insecure:
-        log.warning("INSECURE MODE: plaintext gRPC, requests are not authenticated. "
-                    "Anyone who can reach %s can run commands as this daemon's user. "
-                    "Use only for local experiments.", settings.listen)
-        return None, None
+        log.warning("INSECURE MODE: plaintext gRPC and unsigned requests are accepted. Anyone "
+                    "who can reach %s can run commands as this daemon's user. Use only for "
+                    "local experiments.", settings.listen)
+        return None, None, None
+    tls = settings.extra.get("tls")
     if not tls:
         raise ConfigError(
             "no TLS material configured: set [tls] cert, key and ca in the config file "
             "(see `relaytree keys`), or pass --insecure for a local experiment")
-    from relaytree import keys  # cryptography is only needed for secure mode
+    conf = dict(settings.extra.get("auth") or {})
+    if not conf.get("trusted_keys"):
+        raise ConfigError("no trusted controller keys: set [auth] trusted_keys in the config file "
+                          "(the controller's signing/controller.pub)")
+    from relaytree import auth, keys  # cryptography is only needed in secure mode
     try:
-        return keys.server_credentials(tls["cert"], tls["key"], tls["ca"]), \
-            keys.channel_credentials(tls["cert"], tls["key"], tls["ca"])
+        server_creds = keys.server_credentials(tls["cert"], tls["key"], tls["ca"])
+        channel_creds = keys.channel_credentials(tls["cert"], tls["key"], tls["ca"])
     except KeyError as exc:
         raise ConfigError("config [tls] lacks %s" % exc) from None
+    unknown = set(conf) - {"trusted_keys", "node_names", "clock_skew", "max_validity", "policy"}
+    if unknown:
+        raise ConfigError("config [auth]: unknown key(s) %s" % ", ".join(sorted(unknown)))
+    try:
+        verifier = auth.Verifier(
+            conf["trusted_keys"], auth.Policy.from_dict(conf.get("policy") or {}),
+            node_names=_node_names(settings, conf.get("node_names")),
+            clock_skew=float(conf.get("clock_skew", 30)),
+            max_validity=float(conf.get("max_validity", 2 * 86400)),
+            nonce_file=os.path.join(settings.state_dir, "nonces"))
+    except (ValueError, TypeError, keys.KeysError) as exc:
+        raise ConfigError("config [auth]: %s" % exc) from None
+    return server_creds, channel_creds, verifier
 
 
 def main(args) -> int:
@@ -102,19 +133,19 @@ def main(args) -> int:
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s relaytreed[%(process)d] %(levelname)s %(message)s")
     try:
-        credentials, channel_credentials = _credentials(settings)
-    except Exception as exc:  # noqa: BLE001 - any bad TLS material is a start-up error
-        print("relaytree serve: %s" % exc, file=sys.stderr)
-        return 2
-    try:
         os.makedirs(settings.state_dir, mode=0o700, exist_ok=True)
     except OSError as exc:
         print("relaytree serve: cannot create state dir %s: %s" % (settings.state_dir, exc.strerror),
               file=sys.stderr)
         return 2
+    try:
+        credentials, channel_credentials, verifier = security(settings)
+    except Exception as exc:  # noqa: BLE001 - any bad key material is a start-up error
+        print("relaytree serve: %s" % exc, file=sys.stderr)
+        return 2
     server.tune_malloc()
     try:
-        asyncio.run(server.serve(settings, credentials, channel_credentials))
+        asyncio.run(server.serve(settings, credentials, channel_credentials, verifier))
     except OSError as exc:
         print("relaytree serve: %s" % exc, file=sys.stderr)
         return 1

@@ -260,6 +260,11 @@ class LocalCopy:
     def bytes_received(self) -> int:
         return self._received
 
+    @property
+    def local_path(self) -> str:
+        """Where the file lands on this node (real parent directory + name), once open."""
+        return self._path
+
     def open(self) -> None:
         """Validate and prepare; CopyError on any problem (see module docstring)."""
         self._require("open", "new")

@@ -18,7 +18,7 @@ import grpc.aio
 from google.protobuf.message import DecodeError
 
 import relaytree
-from relaytree import execute, filecopy, tree, wire
+from relaytree import auth, execute, filecopy, tree, wire
 from relaytree.results import NodeOutcome, Status, failed
 from relaytree.v1 import relaytree_pb2 as pb
 
@@ -65,6 +65,12 @@ class Admitted:
     deadline: float  # loop.time()
 
 
+def _keep_until(envelope: pb.Envelope) -> float:
+    """Remember what a request did for as long as it could be delivered again (monotonic)."""
+    valid_for = envelope.not_after_ms / 1000.0 - time.time() if envelope.not_after_ms else 0.0
+    return time.monotonic() + max(600.0, valid_for + 60.0)
+
+
 class _ExecEntry:
     """A command running (or finished) for one request id; duplicate deliveries share it."""
 
@@ -78,21 +84,58 @@ class _ExecEntry:
 class Relay:
     """The daemon's request handlers (also usable in-process by tests)."""
 
-    def __init__(self, settings: Settings, pool: Optional[wire.ChannelPool] = None):
+    def __init__(self, settings: Settings, pool: Optional[wire.ChannelPool] = None,
+                 verifier: Optional[auth.Verifier] = None):
         self.settings = settings
         self.pool = pool or wire.ChannelPool()
+        self.verifier = verifier
         self._execs: Dict[str, _ExecEntry] = {}
-        self._copies: Dict[str, tuple] = {}  # request_id -> (expires, changed)
+        self._copies: Dict[str, tuple] = {}  # request_id -> (expires, changed) of landed copies
         self.started = time.time()
         self.counters: Dict[str, int] = {"exec": 0, "copy": 0, "ping": 0, "refused": 0}
 
     # -- admission ---------------------------------------------------------------------
 
-    def admit(self, request: pb.Request, context, kind: str) -> Admitted:
+    def _may_redeliver(self, envelope: pb.Envelope) -> bool:
+        """Is a second delivery of this signed request a re-dispatch rather than a replay?
+
+        A command may be re-delivered while it still runs here (the delivery attaches to
+        it); a copy until it has landed here (an interrupted copy is received again: same
+        signed content, same destination).  Anything that already ran is not run again.
+        """
+        kind = envelope.WhichOneof("operation")
+        if kind == "exec":
+            entry = self._execs.get(envelope.request_id)
+            return entry is not None and not entry.task.done()
+        if kind == "copy":
+            return envelope.request_id not in self._copies
+        return False
+
+    def _authenticate(self, request: pb.Request) -> pb.Envelope:
+        if self.verifier is None:  # insecure mode: nothing is checked
+            try:
+                return pb.Envelope.FromString(request.envelope)
+            except DecodeError:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "malformed request envelope") from None
         try:
-            envelope = pb.Envelope.FromString(request.envelope)
-        except DecodeError:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "malformed request envelope") from None
+            return self.verifier.verify(request.envelope,
+                                        request.auth if request.HasField("auth") else None)
+        except auth.ReplayError as dup:
+            # The same signed request again.  While it is still running here this is a
+            # parent re-dispatching a subtree after a relay died: the delivery attaches to
+            # the running command (or lands the copy once more).  Otherwise it is a replay.
+            if self._may_redeliver(dup.envelope):
+                return dup.envelope
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED,
+                          "request refused: replayed request %s (it already ran on this node; "
+                          "not run again)" % dup.request_id) from None
+        except auth.AuthError as exc:
+            code = (grpc.StatusCode.PERMISSION_DENIED if exc.code == "policy"
+                    else grpc.StatusCode.UNAUTHENTICATED)
+            raise Refused(code, "request refused: %s" % exc) from None
+
+    def admit(self, request: pb.Request, context, kind: str) -> Admitted:
+        envelope = self._authenticate(request)
         if envelope.protocol_version != relaytree.PROTOCOL_VERSION:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
                           "protocol version mismatch: the controller speaks relaytree protocol %d "
@@ -197,8 +240,8 @@ class Relay:
                 env=dict(spec.env), cwd=cwd, user=spec.user or None, stdin=spec.stdin,
                 timeout=spec.timeout_ms / 1000.0 if spec.timeout_ms else None,
                 output_limit=limit)
-            expires = time.monotonic() + max(600.0, (spec.timeout_ms or 0) / 1000.0 * 2)
-            entry = self._execs[request_id] = _ExecEntry(asyncio.ensure_future(coro), expires)
+            entry = self._execs[request_id] = _ExecEntry(asyncio.ensure_future(coro),
+                                                         _keep_until(op.envelope))
         else:
             log.info("request %s delivered again: attaching to the running command", request_id)
         entry.refs += 1
@@ -282,9 +325,12 @@ class Relay:
             stream.put(NodeOutcome(node=op.me, status=status, error=error, changed=changed, dest=dest,
                                    elapsed=time.monotonic() - started).to_pb())
 
+        landed = local  # released once the fan-out no longer needs to replay from it
         try:
             local.open()
+            self._check_resolved_dest(op, local)
         except filecopy.CopyError as exc:
+            local.abort()
             report_local(Status.FAILED, str(exc))
             local = None
         feed = tree.ChunkFeed(self.settings.chunk_window,
@@ -336,7 +382,7 @@ class Relay:
                     if cached is not None:
                         changed = cached[1]  # a re-delivery reports what the first one did
                     else:
-                        self._copies[op.envelope.request_id] = (time.monotonic() + 600, changed)
+                        self._copies[op.envelope.request_id] = (_keep_until(op.envelope), changed)
                     report_local(Status.PASS, changed=changed, dest=outcome.dest)
                 local = None
 
@@ -357,6 +403,19 @@ class Relay:
                 await asyncio.gather(task, return_exceptions=True)
             if local is not None:
                 local.abort()
+            landed.abort()
+
+    def _check_resolved_dest(self, op: Admitted, local: filecopy.LocalCopy) -> None:
+        """A symlink under an allowed prefix must not lead the copy outside it."""
+        rule = self.verifier.rule_for(op.auth.key_id) if self.verifier is not None else None
+        if rule is None or rule.copy_dest_prefixes is None or not local.local_path:
+            return
+        real = os.path.realpath(local.local_path)
+        if self.settings.base_dir:
+            real = "/" + os.path.relpath(real, os.path.realpath(self.settings.base_dir))
+        if not rule.dest_allowed(real):
+            raise filecopy.CopyError("copy destination %s resolves to %s, which key %s may not write"
+                                     % (op.envelope.copy.dest, real, op.auth.key_id))
 
     async def _admit_or_abort(self, request, context, kind) -> Admitted:
         try:
@@ -414,9 +473,10 @@ async def build_server(relay: Relay, listen: str,
 
 
 async def serve(settings: Settings, credentials: Optional[grpc.ServerCredentials] = None,
-                channel_credentials: Optional[grpc.ChannelCredentials] = None) -> None:
+                channel_credentials: Optional[grpc.ChannelCredentials] = None,
+                verifier: Optional[auth.Verifier] = None) -> None:
     """Run the daemon until SIGTERM/SIGINT, then drain in-flight work."""
-    relay = Relay(settings, wire.ChannelPool(channel_credentials))
+    relay = Relay(settings, wire.ChannelPool(channel_credentials), verifier)
     server = await build_server(relay, settings.listen, credentials)
     log.info("relaytree %s serving on %s (base dir %s)", relaytree.__version__, settings.listen,
              settings.base_dir or "/")
@@ -430,4 +490,6 @@ async def serve(settings: Settings, credentials: Optional[grpc.ServerCredentials
     # and cancelled copies remove their temporary files.
     await server.stop(settings.drain_seconds)
     await relay.pool.close()
+    if verifier is not None:
+        verifier.close()
     log.info("stopped")

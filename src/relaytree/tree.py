@@ -253,7 +253,8 @@ class Fanout:
                              "no address for %s" % head.name)
                 continue
             try:
-                channel = await self.pool.connect(head.address, min(self.connect_timeout, remaining))
+                channel = await self.pool.connect(head.address, min(self.connect_timeout, remaining),
+                                                  head.name)
             except wire.Unreachable as exc:
                 self._report(pending, [head.name], Status.UNREACHABLE, str(exc))
                 continue
@@ -266,7 +267,7 @@ class Fanout:
                                  "no result before the deadline (via %s)" % head.name)
                     return
                 if code in _DEAD_CODES:
-                    self.pool.drop(head.address)
+                    self.pool.drop(head.address, head.name)
                     # The head is gone; whoever it had not reported for goes to the next head.
                     self._report(pending, [head.name], Status.UNREACHABLE,
                                  "relay %s failed: %s" % (head.name, details or code.name))

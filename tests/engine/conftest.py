@@ -26,6 +26,7 @@ class Daemon:
     base_dir: Path
     log_path: Path
     extra_args: List[str] = field(default_factory=list)
+    insecure: bool = True
     proc: Optional[subprocess.Popen] = None
 
     @property
@@ -38,7 +39,8 @@ class Daemon:
         self.proc = subprocess.Popen(
             RELAYTREE + ["serve", "--listen", self.address, "--base-dir", str(self.base_dir),
                          "--state-dir", str(self.base_dir.parent / (self.name + ".state")),
-                         "--insecure", "--log-level", "info"] + self.extra_args,
+                         "--log-level", "info"] + (["--insecure"] if self.insecure else [])
+            + self.extra_args,
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def alive(self) -> bool:
@@ -74,12 +76,19 @@ class Daemon:
 class Fleet:
     """N daemons on 127.0.0.2 ... 127.0.0.(N+1), all on one port, each with its own base dir."""
 
-    def __init__(self, tmp: Path, count: int, port: int, first: int = 2, extra_args=()):
+    def __init__(self, tmp: Path, count: int, port: int, first: int = 2, extra_args=(),
+                 config=None):
+        """config(daemon) -> path of a config file: a secure fleet (no --insecure)."""
         self.tmp = tmp
         self.port = port
         self.daemons = [Daemon("127.0.0.%d" % (first + i), port, tmp / ("n%d" % (first + i)),
                                tmp / ("n%d.log" % (first + i)), list(extra_args))
                         for i in range(count)]
+        if config is not None:
+            tmp.mkdir(parents=True, exist_ok=True)
+            for d in self.daemons:
+                d.insecure = False
+                d.extra_args += ["--config", str(config(d))]
 
     @property
     def nodeset(self) -> str:
@@ -114,16 +123,17 @@ class Fleet:
         return next(d for d in self.daemons if d.name == name)
 
 
-def free_port() -> int:
-    # All daemons share one port on distinct loopback addresses; pick one unlikely to clash.
-    for _ in range(50):
+def free_port(hosts) -> int:
+    """A port free on every address of the fleet (daemons share one port)."""
+    for _ in range(100):
         port = random.randint(20000, 40000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.2", port))
-                return port
-            except OSError:
-                continue
+        try:
+            for host in hosts:
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
     raise RuntimeError("no free port")
 
 
@@ -132,7 +142,9 @@ def fleet_factory(tmp_path):
     fleets: List[Fleet] = []
 
     def make(count: int, **kw) -> Fleet:
-        fleet = Fleet(tmp_path / ("fleet%d" % len(fleets)), count, free_port(), **kw)
+        first = kw.get("first", 2)
+        port = free_port(["127.0.0.%d" % (first + i) for i in range(count)])
+        fleet = Fleet(tmp_path / ("fleet%d" % len(fleets)), count, port, **kw)
         fleets.append(fleet)
         return fleet.start()
 
@@ -142,4 +154,7 @@ def fleet_factory(tmp_path):
 
 
 def run_cli(*args: str, input: Optional[bytes] = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(RELAYTREE + list(args), input=input, capture_output=True, timeout=timeout)
+    args = list(args)
+    if args and args[0] in ("exec", "copy", "ping"):
+        args.insert(1, "--insecure")  # these fleets run --insecure daemons
+    return subprocess.run(RELAYTREE + args, input=input, capture_output=True, timeout=timeout)
