@@ -2,139 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import random
-import signal
-import socket
 import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-RELAYTREE = [sys.executable, "-m", "relaytree.cli"]
+sys.path.insert(0, str(ROOT / "tools"))
 
-
-@dataclass
-class Daemon:
-    name: str
-    port: int
-    base_dir: Path
-    log_path: Path
-    extra_args: List[str] = field(default_factory=list)
-    insecure: bool = True
-    proc: Optional[subprocess.Popen] = None
-
-    @property
-    def address(self) -> str:
-        return "%s:%d" % (self.name, self.port)
-
-    def start(self) -> None:
-        self.base_dir.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            RELAYTREE + ["serve", "--listen", self.address, "--base-dir", str(self.base_dir),
-                         "--state-dir", str(self.base_dir.parent / (self.name + ".state")),
-                         "--log-level", "info"] + (["--insecure"] if self.insecure else [])
-            + self.extra_args,
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.alive():
-            os.kill(self.proc.pid, sig)
-            self.proc.wait(timeout=30)
-        if getattr(self, "_log", None):
-            self._log.close()
-
-    def wait_ready(self, timeout: float = 15.0) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if not self.alive():
-                raise RuntimeError("daemon %s exited: %s" % (self.name, self.log_path.read_text()))
-            try:
-                socket.create_connection((self.name, self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("daemon %s not listening after %.0fs" % (self.name, timeout))
-
-    def rss_kib(self) -> int:
-        with open("/proc/%d/status" % self.proc.pid) as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-        return 0
-
-
-class Fleet:
-    """N daemons on 127.0.0.2 ... 127.0.0.(N+1), all on one port, each with its own base dir."""
-
-    def __init__(self, tmp: Path, count: int, port: int, first: int = 2, extra_args=(),
-                 config=None):
-        """config(daemon) -> path of a config file: a secure fleet (no --insecure)."""
-        self.tmp = tmp
-        self.port = port
-        self.daemons = [Daemon("127.0.0.%d" % (first + i), port, tmp / ("n%d" % (first + i)),
-                               tmp / ("n%d.log" % (first + i)), list(extra_args))
-                        for i in range(count)]
-        if config is not None:
-            tmp.mkdir(parents=True, exist_ok=True)
-            for d in self.daemons:
-                d.insecure = False
-                d.extra_args += ["--config", str(config(d))]
-
-    @property
-    def nodeset(self) -> str:
-        first = self.daemons[0].name.rsplit(".", 1)[1]
-        last = self.daemons[-1].name.rsplit(".", 1)[1]
-        return "127.0.0.[%s-%s]" % (first, last)
-
-    @property
-    def names(self) -> List[str]:
-        return [d.name for d in self.daemons]
-
-    def start(self) -> "Fleet":
-        for d in self.daemons:
-            d.start()
-        for d in self.daemons:
-            d.wait_ready()
-        return self
-
-    def stop(self) -> None:
-        for d in self.daemons:
-            if d.alive():
-                os.kill(d.proc.pid, signal.SIGTERM)
-        for d in self.daemons:
-            if d.proc is not None:
-                try:
-                    d.proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    d.kill()
-            d.kill()
-
-    def by_name(self, name: str) -> Daemon:
-        return next(d for d in self.daemons if d.name == name)
-
-
-def free_port(hosts) -> int:
-    """A port free on every address of the fleet (daemons share one port)."""
-    for _ in range(100):
-        port = random.randint(20000, 40000)
-        try:
-            for host in hosts:
-                with socket.socket() as s:
-                    s.bind((host, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port")
+from localfleet import RELAYTREE, Daemon, Fleet, free_port  # noqa: E402,F401
 
 
 @pytest.fixture
