@@ -250,6 +250,8 @@ class Relay:
             entry.reaper = None
         try:
             result = await asyncio.shield(entry.task)
+        except ValueError as exc:  # the request's command, env or stdin is malformed
+            return failed(op.me, "bad command: %s" % exc)
         finally:
             entry.refs -= 1
             if entry.refs == 0 and not entry.task.done():

@@ -263,6 +263,9 @@ def test_bad_input_is_named(fleet_factory, tmp_path):
     proc, doc = cli_json("copy", "-w", fleet.nodeset, "--port", port, str(src), "/no/such/dir/f")
     assert counts(doc) == {"FAILED": 2}
     assert all("/no/such/dir" in n["error"] for n in doc["nodes"].values())
+    # A malformed environment is refused by each node with its reason.
+    out = rclient.Client(port=fleet.port).exec(fleet.names, "true", env={"A=B": "1"})
+    assert all(o.status is Status.FAILED and "bad command" in o.error for o in out.values()), out
     assert all(d.alive() for d in fleet.daemons)
 
 
