@@ -398,28 +398,34 @@ class _Execution:
 
         A second cancellation while waiting sends SIGKILL at once and propagates.
         """
-        loop, exited = self.loop, self.capture.exited
-        last = loop.time()
+        last = self.loop.time()
         if not _signal_group(self.pgid, signal.SIGTERM):
             return last
-        end = last + self.kill_grace
         try:
-            while not self.group_gone():
-                left = end - loop.time()
-                if left <= 0:
-                    last = loop.time()
-                    _signal_group(self.pgid, signal.SIGKILL)
-                    await asyncio.wait([exited], timeout=REAP_WAIT)
-                    break
-                if exited.done():
-                    await asyncio.sleep(min(_POLL, left))
-                else:
-                    await asyncio.wait([exited], timeout=min(_POLL * 2, left))
+            if not await self.wait_gone(last + self.kill_grace, _POLL):
+                last = self.loop.time()
+                _signal_group(self.pgid, signal.SIGKILL)
+                # SIGKILLed processes die at once, but not synchronously: wait
+                # for them, so that nothing of the command is left on return.
+                await self.wait_gone(last + REAP_WAIT, _POLL / 2.5)
         except asyncio.CancelledError:
             if not self.group_gone():
                 _signal_group(self.pgid, signal.SIGKILL)
             raise
         return last
+
+    async def wait_gone(self, until: float, poll: float) -> bool:
+        """Wait until the group is gone (True) or loop time `until` (False)."""
+        loop, exited = self.loop, self.capture.exited
+        while not self.group_gone():
+            left = until - loop.time()
+            if left <= 0:
+                return False
+            if exited.done():
+                await asyncio.sleep(min(poll, left))
+            else:
+                await asyncio.wait([exited], timeout=min(poll * 2, left))
+        return True
 
     def close(self) -> None:
         if self.transport is not None:
@@ -457,7 +463,7 @@ class _Execution:
                     self.transport, _ = task.result()
                     self.pgid = self.transport.get_pid()
                     _signal_group(self.pgid, signal.SIGKILL)
-                    await asyncio.wait([self.capture.exited], timeout=REAP_WAIT)
+                    await self.wait_gone(self.loop.time() + REAP_WAIT, _POLL / 2.5)
             except asyncio.CancelledError:  # cancelled again: do not wait any more
                 if not task.done():
                     task.add_done_callback(kill_spawned)

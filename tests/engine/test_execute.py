@@ -7,7 +7,6 @@ import json
 import os
 import random
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -17,9 +16,9 @@ from typing import List
 
 import pytest
 
+import relaytree
 from relaytree.execute import DEFAULT_OUTPUT_LIMIT, FAILED, PASS, TIMEOUT, ExecOutcome, run_command
 
-ROOT = Path(__file__).resolve().parents[2]
 IS_ROOT = os.geteuid() == 0
 NOBODY_UID = 65534
 
@@ -434,7 +433,7 @@ print(json.dumps(asyncio.run(main())))
 def test_a_non_root_daemon_can_only_run_as_itself():
     # A real non-root daemon: a child interpreter that imports everything, then drops to nobody.
     proc = subprocess.run([sys.executable, "-c", _AS_NOBODY], capture_output=True, timeout=30, cwd="/",
-                          env=dict(os.environ, PYTHONPATH=str(ROOT / "src")))
+                          env=dict(os.environ, PYTHONPATH=str(Path(relaytree.__file__).parents[1])))
     assert proc.returncode == 0, proc.stderr.decode()
     as_root, as_self, plain = json.loads(proc.stdout)
     assert as_root[:2] == [FAILED, None]
