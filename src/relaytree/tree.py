@@ -283,6 +283,12 @@ class Fanout:
             except CopyAborted as exc:
                 self._report(pending, pending, Status.FAILED, "copy aborted upstream: %s" % exc)
                 return
+            except Exception as exc:  # noqa: BLE001 - one bad head must not sink the group
+                log.exception("call to %s failed", head.name)
+                self.pool.drop(head.address, head.name)
+                self._report(pending, [head.name], Status.FAILED,
+                             "relay %s: %s: %s" % (head.name, type(exc).__name__, exc))
+                continue
             if pending:
                 # The subtree finished without accounting for some nodes: never leave a
                 # target without an outcome, and do not loop on a misbehaving relay.
