@@ -56,6 +56,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -78,6 +79,7 @@ DEFAULT_EXACT_GAP = 30.0
 DEFAULT_IDLE_EXIT = 300.0
 FORGET_TASK_AFTER = 3600.0  # drop the batching state of tasks idle this long
 KEEP_OPERATIONS = 1000  # operation records kept for "stats"
+_RUN_FILE = re.compile(r"^(\d+)\.(sock|sock\.lock|log|d)$")  # files of one run (plugin_utils/_relaytree.py)
 
 
 class RequestError(Exception):
@@ -177,6 +179,8 @@ class Coordinator:
 
     def submit(self, req: Dict[str, Any]) -> "asyncio.Future[Dict[str, Any]]":
         op = req.get("op")
+        if op not in TREE_OPS:
+            raise RequestError("unknown tree operation %r" % (op,))
         task_id, step_name, host, node = (_text(req, k) for k in ("task", "step", "host", "node"))
         port = req.get("port")
         if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
@@ -332,7 +336,7 @@ class Coordinator:
 
     async def _tree(self, group: Group, nodes: List[str]) -> Tuple[Dict[str, NodeOutcome], Dict[str, Any]]:
         args, tree = group.args, group.tree
-        client = make_client(group.port, tree.get("connect_timeout"))
+        client = make_client(group.port, tree)
         common: Dict[str, Any] = {"deadline": tree.get("deadline")}
         if tree.get("width"):
             common["width"] = int(tree["width"])
@@ -480,9 +484,12 @@ def _same_user(sock: Optional[socket.socket]) -> bool:
     return uid == os.getuid()
 
 
-def make_client(port: int, connect_timeout: Any) -> rclient.Client:
-    """The one place the coordinator builds its tree client (TLS and signing go here)."""
-    return rclient.Client(port=port, connect_timeout=float(connect_timeout or rclient.DEFAULT_CONNECT_TIMEOUT))
+def make_client(port: int, tree: Dict[str, Any]) -> rclient.Client:
+    """The tree client of an operation: mutual TLS and signed requests unless tree["insecure"]."""
+    options = dict(port=port, connect_timeout=float(tree.get("connect_timeout") or rclient.DEFAULT_CONNECT_TIMEOUT))
+    if tree.get("insecure"):
+        return rclient.Client(**options)
+    return rclient.secure_client(tree.get("pki") or rclient.DEFAULT_PKI, **options)
 
 
 # ------------------------------------------------------------------- process
@@ -505,6 +512,7 @@ async def serve(args: argparse.Namespace) -> int:
     os.chmod(path, 0o600)
     ino = os.stat(path).st_ino
     parent_start = _process_start(args.parent_pid) if args.parent_pid else None
+    clean_stale(os.path.dirname(path))
     log.info("coordinator %s listening on %s (playbook pid %s)", relaytree.__version__, path, args.parent_pid)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -531,6 +539,26 @@ async def serve(args: argparse.Namespace) -> int:
         if args.run_dir:
             shutil.rmtree(args.run_dir, ignore_errors=True)
     return 0
+
+
+def clean_stale(directory: str) -> None:
+    """Remove the files of earlier runs whose playbook process is gone (PID.sock, PID.log, ...)."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        match = _RUN_FILE.match(name)
+        if not match or os.path.exists("/proc/%s" % match.group(1)):
+            continue
+        path = os.path.join(directory, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 def build_parser() -> argparse.ArgumentParser:
