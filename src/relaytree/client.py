@@ -19,6 +19,7 @@ import grpc
 from ClusterShell.NodeSet import NodeSet, NodeSetException
 
 import relaytree
+from relaytree import stdin as stdin_codec
 from relaytree import tree, wire
 from relaytree.results import NodeOutcome, Status, unreachable
 from relaytree.v1 import relaytree_pb2 as pb
@@ -159,12 +160,25 @@ class Client:
 
     async def _run(self, kind: str, nodes: Nodes, width: int, deadline: float, operation: dict,
                    on_result: Optional[ResultCallback], feed: Optional[tree.ChunkFeed] = None,
-                   producer=None) -> Dict[str, NodeOutcome]:
+                   producer=None, stdin_by_node: Optional[Mapping[str, bytes]] = None,
+                   ) -> Dict[str, NodeOutcome]:
         names = expand(nodes)
         if width < 1:
             raise ClientError("width must be at least 1")
         if deadline <= 0:
             raise ClientError("deadline must be positive")
+        blobs, patches = {}, {}
+        if stdin_by_node is not None:
+            missing = [n for n in names if n not in stdin_by_node]
+            if missing or len(stdin_by_node) != len(names):
+                raise ClientError("stdin_by_node must name exactly the target nodes (missing: %s)"
+                                  % fold(missing) if missing else "stdin_by_node names unknown nodes")
+            try:
+                digests, blobs, patches = stdin_codec.encode({n: stdin_by_node[n] for n in names})
+            except stdin_codec.StdinError as exc:
+                raise ClientError(str(exc)) from None
+            for name, value in digests.items():
+                operation["exec"].stdin_sha256[name] = value
         envelope = self._envelope(names, deadline, **operation)
         auth = self._auth(envelope)
         targets, errors = resolve(names, self.port)
@@ -183,7 +197,7 @@ class Client:
         fan = tree.Fanout(pool, kind=kind, envelope=envelope, auth=auth, targets=targets,
                           width=width, connect_timeout=self.connect_timeout,
                           batch_ms=self.batch_ms, deadline=loop.time() + deadline, emit=emit,
-                          feed=feed)
+                          feed=feed, blobs=blobs, patches=patches)
         try:
             if producer is None:
                 await fan.run()
@@ -207,8 +221,15 @@ class Client:
                          stdin: bytes = b"", timeout: Optional[float] = None,
                          output_limit: int = 0, width: int = DEFAULT_EXEC_WIDTH,
                          deadline: Optional[float] = None,
-                         on_result: Optional[ResultCallback] = None) -> Dict[str, NodeOutcome]:
-        """Run a shell string (str) or an argv (list) on every node."""
+                         on_result: Optional[ResultCallback] = None,
+                         stdin_by_node: Optional[Mapping[str, bytes]] = None,
+                         ) -> Dict[str, NodeOutcome]:
+        """Run a shell string (str) or an argv (list) on every node.
+
+        stdin_by_node gives each node its own stdin (instead of `stdin`): sent as shared
+        bases plus small per-node deltas, each node's bytes covered by the signature."""
+        if stdin and stdin_by_node is not None:
+            raise ClientError("give stdin or stdin_by_node, not both")
         if isinstance(command, str):
             if not command.strip():
                 raise ClientError("empty command")
@@ -228,7 +249,8 @@ class Client:
         spec.output_limit = output_limit
         if deadline is None:
             deadline = timeout + 30.0 + 2 * self.connect_timeout if timeout else NO_TIMEOUT_DEADLINE
-        return await self._run("exec", nodes, width, deadline, {"exec": spec}, on_result)
+        return await self._run("exec", nodes, width, deadline, {"exec": spec}, on_result,
+                               stdin_by_node=stdin_by_node)
 
     async def ping_async(self, nodes: Nodes, *, width: int = DEFAULT_EXEC_WIDTH,
                          deadline: Optional[float] = None,

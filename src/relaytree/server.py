@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError
 
 import relaytree
 from relaytree import auth, execute, filecopy, tree, wire
+from relaytree import stdin as stdin_codec
 from relaytree.results import NodeOutcome, Status, failed
 from relaytree.v1 import relaytree_pb2 as pb
 
@@ -63,6 +64,7 @@ class Admitted:
     connect_timeout: float
     batch_ms: int
     deadline: float  # loop.time()
+    route: pb.Route
 
 
 def _keep_until(envelope: pb.Envelope) -> float:
@@ -175,13 +177,13 @@ class Relay:
             me=route.targets[0].name, children=list(route.targets[1:]),
             width=max(1, route.width or 1),
             connect_timeout=(route.connect_timeout_ms or 5000) / 1000.0,
-            batch_ms=route.batch_ms, deadline=loop.time() + remaining)
+            batch_ms=route.batch_ms, deadline=loop.time() + remaining, route=route)
 
     def _fanout(self, op: Admitted, kind: str, emit, feed=None) -> tree.Fanout:
         return tree.Fanout(self.pool, kind=kind, envelope=op.envelope_bytes, auth=op.auth,
                            targets=op.children, width=op.width, connect_timeout=op.connect_timeout,
                            batch_ms=op.batch_ms, deadline=op.deadline, emit=emit, via=op.me,
-                           feed=feed)
+                           feed=feed, blobs=op.route.blobs, patches=op.route.stdin)
 
     async def _serve_unary(self, op: Admitted, kind: str, local):
         """Run `local()` (-> NodeOutcome) here and the fan-out below; yield batches as they come."""
@@ -229,6 +231,12 @@ class Relay:
                 cwd = self._resolve_dir(spec.cwd)
             except filecopy.CopyError as exc:
                 return failed(op.me, "cwd: %s" % exc)
+            data = spec.stdin
+            if spec.stdin_sha256:
+                try:
+                    data = self._node_stdin(op)
+                except stdin_codec.StdinError as exc:
+                    return failed(op.me, str(exc))
             limit = min(spec.output_limit or self.settings.output_limit, wire.MAX_OUTPUT_LIMIT)
             which = spec.WhichOneof("command")
             if which is None or (which == "shell" and not spec.shell) or (
@@ -237,7 +245,7 @@ class Relay:
             coro = execute.run_command(
                 shell=spec.shell if which == "shell" else None,
                 argv=list(spec.argv.args) if which == "argv" else None,
-                env=dict(spec.env), cwd=cwd, user=spec.user or None, stdin=spec.stdin,
+                env=dict(spec.env), cwd=cwd, user=spec.user or None, stdin=data,
                 timeout=spec.timeout_ms / 1000.0 if spec.timeout_ms else None,
                 output_limit=limit)
             entry = self._execs[request_id] = _ExecEntry(asyncio.ensure_future(coro),
@@ -263,6 +271,19 @@ class Relay:
                            stdout_truncated=result.stdout_truncated,
                            stderr_truncated=result.stderr_truncated,
                            error=result.error, elapsed=result.elapsed, changed=True)
+
+    def _node_stdin(self, op: Admitted) -> bytes:
+        """This node's own stdin of a per-node-stdin exec, checked against the signature."""
+        spec = op.envelope.exec
+        if self.verifier is not None and op.me.lower() not in self.verifier.node_names:
+            # A relay must not hand this node another node's (signed) input.
+            raise stdin_codec.StdinError(
+                "per-node input addressed to %s, but this node is %s (set [auth] node_names)"
+                % (op.me, ", ".join(self.verifier.node_names)))
+        expected = spec.stdin_sha256.get(op.me)
+        if expected is None:
+            raise stdin_codec.StdinError("no signed stdin digest for %s" % op.me)
+        return stdin_codec.decode(op.me, expected, op.route.blobs, op.route.stdin)
 
     def _expire(self) -> None:
         now = time.monotonic()

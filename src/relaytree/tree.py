@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import grpc
 import grpc.aio
 
+from relaytree import stdin as stdin_codec
 from relaytree import wire
 from relaytree.results import NodeOutcome, Status
 from relaytree.v1 import relaytree_pb2 as pb
@@ -199,7 +200,7 @@ class Fanout:
     def __init__(self, pool: wire.ChannelPool, *, kind: str, envelope: bytes, auth: pb.Authenticator,
                  targets: Sequence[pb.Target], width: int, connect_timeout: float, batch_ms: int,
                  deadline: float, emit: Callable[[pb.NodeResult], None], via: str = "",
-                 feed: Optional[ChunkFeed] = None):
+                 feed: Optional[ChunkFeed] = None, blobs=None, patches=None):
         self.pool = pool
         self.kind = kind
         self.envelope = envelope
@@ -212,6 +213,9 @@ class Fanout:
         self.emit = emit
         self.via = via
         self.feed = feed
+        # Per-node stdin (see relaytree.stdin): each subtree gets only its own part.
+        self.blobs = blobs or {}
+        self.patches = patches or {}
 
     async def run(self) -> None:
         if not self.targets:
@@ -219,10 +223,15 @@ class Fanout:
         await asyncio.gather(*(self._group(g) for g in split(self.targets, self.width)))
 
     def _request(self, pending: "OrderedDict[str, pb.Target]") -> pb.Request:
-        return pb.Request(
-            envelope=self.envelope, auth=self.auth,
-            route=pb.Route(targets=list(pending.values()), width=self.width,
-                           connect_timeout_ms=int(self.connect_timeout * 1000), batch_ms=self.batch_ms))
+        route = pb.Route(targets=list(pending.values()), width=self.width,
+                         connect_timeout_ms=int(self.connect_timeout * 1000), batch_ms=self.batch_ms)
+        if self.patches:
+            blobs, patches = stdin_codec.prune(pending, self.blobs, self.patches)
+            for key, data in blobs.items():
+                route.blobs[key] = data
+            for name, patch in patches.items():
+                route.stdin[name].CopyFrom(patch)
+        return pb.Request(envelope=self.envelope, auth=self.auth, route=route)
 
     def _report(self, pending, names, status: Status, error: str) -> None:
         for name in list(names):

@@ -342,3 +342,12 @@ def test_fuzzed_node_sets_give_names_or_a_clear_error(text):
         assert str(exc)
     else:
         assert names and all(isinstance(n, str) and n for n in names)
+
+
+def test_per_node_stdin_is_signed_per_node(secure_fleet, pki):
+    c = rclient.secure_client(str(pki), port=secure_fleet.port)
+    payloads = {n: b"payload for " + n.encode() for n in secure_fleet.names}
+    out = c.exec(secure_fleet.names, "cat", stdin_by_node=payloads, width=2)
+    for name, outcome in out.items():
+        assert outcome.status is Status.PASS, outcome
+        assert outcome.stdout == payloads[name]

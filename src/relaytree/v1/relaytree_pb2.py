@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1crelaytree/v1/relaytree.proto\x12\x0crelaytree.v1\"\x18\n\x08RawFrame\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\'\n\x06Target\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\x8d\x02\n\x08\x45nvelope\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1a\n\x12\x63ontroller_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x14\n\x0cnot_after_ms\x18\x04 \x01(\x03\x12\r\n\x05nonce\x18\x05 \x01(\x0c\x12\r\n\x05scope\x18\x06 \x01(\t\x12&\n\x04\x65xec\x18\n \x01(\x0b\x32\x16.relaytree.v1.ExecSpecH\x00\x12&\n\x04\x63opy\x18\x0b \x01(\x0b\x32\x16.relaytree.v1.CopySpecH\x00\x12&\n\x04ping\x18\x0c \x01(\x0b\x32\x16.relaytree.v1.PingSpecH\x00\x42\x0b\n\toperation\"\x14\n\x04\x41rgv\x12\x0c\n\x04\x61rgs\x18\x01 \x03(\t\"\xf8\x01\n\x08\x45xecSpec\x12\x0f\n\x05shell\x18\x01 \x01(\tH\x00\x12\"\n\x04\x61rgv\x18\x02 \x01(\x0b\x32\x12.relaytree.v1.ArgvH\x00\x12,\n\x03\x65nv\x18\x03 \x03(\x0b\x32\x1f.relaytree.v1.ExecSpec.EnvEntry\x12\x0b\n\x03\x63wd\x18\x04 \x01(\t\x12\x0c\n\x04user\x18\x05 \x01(\t\x12\r\n\x05stdin\x18\x06 \x01(\x0c\x12\x12\n\ntimeout_ms\x18\x07 \x01(\r\x12\x14\n\x0coutput_limit\x18\x08 \x01(\x04\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07\x63ommand\"\xb7\x01\n\x08\x43opySpec\x12\x0c\n\x04\x64\x65st\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\x12\x12\n\nchunk_size\x18\x04 \x01(\r\x12\x10\n\x08src_name\x18\x05 \x01(\t\x12\x0c\n\x04mode\x18\x06 \x01(\t\x12\r\n\x05owner\x18\x07 \x01(\t\x12\r\n\x05group\x18\x08 \x01(\t\x12\x0e\n\x06mkdirs\x18\t \x01(\x08\x12\x0e\n\x06\x62\x61\x63kup\x18\n \x01(\x08\x12\r\n\x05\x63heck\x18\x0b \x01(\x08\"\n\n\x08PingSpec\"2\n\rAuthenticator\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"k\n\x05Route\x12%\n\x07targets\x18\x01 \x03(\x0b\x32\x14.relaytree.v1.Target\x12\r\n\x05width\x18\x02 \x01(\r\x12\x1a\n\x12\x63onnect_timeout_ms\x18\x03 \x01(\r\x12\x10\n\x08\x62\x61tch_ms\x18\x04 \x01(\r\"j\n\x07Request\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\x12)\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x1b.relaytree.v1.Authenticator\x12\"\n\x05route\x18\x03 \x01(\x0b\x32\x13.relaytree.v1.Route\"e\n\x08PingInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x0e\n\x06uptime\x18\x04 \x01(\x01\x12\x0c\n\x04load\x18\x05 \x03(\x01\"\x9e\x02\n\nNodeResult\x12\x0c\n\x04node\x18\x01 \x01(\t\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.relaytree.v1.Status\x12\x0f\n\x02rc\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06stdout\x18\x04 \x01(\x0c\x12\x0e\n\x06stderr\x18\x05 \x01(\x0c\x12\x18\n\x10stdout_truncated\x18\x06 \x01(\x08\x12\x18\n\x10stderr_truncated\x18\x07 \x01(\x08\x12\x0f\n\x07\x63hanged\x18\x08 \x01(\x08\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x0f\n\x07\x65lapsed\x18\n \x01(\x01\x12$\n\x04ping\x18\x0b \x01(\x0b\x32\x16.relaytree.v1.PingInfo\x12\x0c\n\x04\x64\x65st\x18\x0c \x01(\t\x12\x0b\n\x03via\x18\r \x01(\tB\x05\n\x03_rc\"8\n\x0bResultBatch\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.relaytree.v1.NodeResult*T\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x08\n\x04PASS\x10\x01\x12\n\n\x06\x46\x41ILED\x10\x02\x12\x0b\n\x07TIMEOUT\x10\x03\x12\x0f\n\x0bUNREACHABLE\x10\x04\x32\xbe\x01\n\x05Relay\x12:\n\x04\x45xec\x12\x15.relaytree.v1.Request\x1a\x19.relaytree.v1.ResultBatch0\x01\x12:\n\x04Ping\x12\x15.relaytree.v1.Request\x1a\x19.relaytree.v1.ResultBatch0\x01\x12=\n\x04\x43opy\x12\x16.relaytree.v1.RawFrame\x1a\x19.relaytree.v1.ResultBatch(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1crelaytree/v1/relaytree.proto\x12\x0crelaytree.v1\"\x18\n\x08RawFrame\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\'\n\x06Target\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\"\x8d\x02\n\x08\x45nvelope\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1a\n\x12\x63ontroller_version\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x14\n\x0cnot_after_ms\x18\x04 \x01(\x03\x12\r\n\x05nonce\x18\x05 \x01(\x0c\x12\r\n\x05scope\x18\x06 \x01(\t\x12&\n\x04\x65xec\x18\n \x01(\x0b\x32\x16.relaytree.v1.ExecSpecH\x00\x12&\n\x04\x63opy\x18\x0b \x01(\x0b\x32\x16.relaytree.v1.CopySpecH\x00\x12&\n\x04ping\x18\x0c \x01(\x0b\x32\x16.relaytree.v1.PingSpecH\x00\x42\x0b\n\toperation\"\x14\n\x04\x41rgv\x12\x0c\n\x04\x61rgs\x18\x01 \x03(\t\"\xeb\x02\n\x08\x45xecSpec\x12\x0f\n\x05shell\x18\x01 \x01(\tH\x00\x12\"\n\x04\x61rgv\x18\x02 \x01(\x0b\x32\x12.relaytree.v1.ArgvH\x00\x12,\n\x03\x65nv\x18\x03 \x03(\x0b\x32\x1f.relaytree.v1.ExecSpec.EnvEntry\x12\x0b\n\x03\x63wd\x18\x04 \x01(\t\x12\x0c\n\x04user\x18\x05 \x01(\t\x12\r\n\x05stdin\x18\x06 \x01(\x0c\x12\x12\n\ntimeout_ms\x18\x07 \x01(\r\x12\x14\n\x0coutput_limit\x18\x08 \x01(\x04\x12=\n\x0cstdin_sha256\x18\t \x03(\x0b\x32\'.relaytree.v1.ExecSpec.StdinSha256Entry\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x32\n\x10StdinSha256Entry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x42\t\n\x07\x63ommand\"J\n\nStdinPatch\x12\x0c\n\x04\x62\x61se\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\r\x12\x0e\n\x06suffix\x18\x03 \x01(\r\x12\x0e\n\x06middle\x18\x04 \x01(\x0c\"\xb7\x01\n\x08\x43opySpec\x12\x0c\n\x04\x64\x65st\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\x0c\x12\x12\n\nchunk_size\x18\x04 \x01(\r\x12\x10\n\x08src_name\x18\x05 \x01(\t\x12\x0c\n\x04mode\x18\x06 \x01(\t\x12\r\n\x05owner\x18\x07 \x01(\t\x12\r\n\x05group\x18\x08 \x01(\t\x12\x0e\n\x06mkdirs\x18\t \x01(\x08\x12\x0e\n\x06\x62\x61\x63kup\x18\n \x01(\x08\x12\r\n\x05\x63heck\x18\x0b \x01(\x08\"\n\n\x08PingSpec\"2\n\rAuthenticator\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"\xbf\x02\n\x05Route\x12%\n\x07targets\x18\x01 \x03(\x0b\x32\x14.relaytree.v1.Target\x12\r\n\x05width\x18\x02 \x01(\r\x12\x1a\n\x12\x63onnect_timeout_ms\x18\x03 \x01(\r\x12\x10\n\x08\x62\x61tch_ms\x18\x04 \x01(\r\x12-\n\x05\x62lobs\x18\x05 \x03(\x0b\x32\x1e.relaytree.v1.Route.BlobsEntry\x12-\n\x05stdin\x18\x06 \x03(\x0b\x32\x1e.relaytree.v1.Route.StdinEntry\x1a,\n\nBlobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\x1a\x46\n\nStdinEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.relaytree.v1.StdinPatch:\x02\x38\x01\"j\n\x07Request\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\x12)\n\x04\x61uth\x18\x02 \x01(\x0b\x32\x1b.relaytree.v1.Authenticator\x12\"\n\x05route\x18\x03 \x01(\x0b\x32\x13.relaytree.v1.Route\"e\n\x08PingInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x18\n\x10protocol_version\x18\x02 \x01(\r\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x0e\n\x06uptime\x18\x04 \x01(\x01\x12\x0c\n\x04load\x18\x05 \x03(\x01\"\x9e\x02\n\nNodeResult\x12\x0c\n\x04node\x18\x01 \x01(\t\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.relaytree.v1.Status\x12\x0f\n\x02rc\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x0e\n\x06stdout\x18\x04 \x01(\x0c\x12\x0e\n\x06stderr\x18\x05 \x01(\x0c\x12\x18\n\x10stdout_truncated\x18\x06 \x01(\x08\x12\x18\n\x10stderr_truncated\x18\x07 \x01(\x08\x12\x0f\n\x07\x63hanged\x18\x08 \x01(\x08\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x0f\n\x07\x65lapsed\x18\n \x01(\x01\x12$\n\x04ping\x18\x0b \x01(\x0b\x32\x16.relaytree.v1.PingInfo\x12\x0c\n\x04\x64\x65st\x18\x0c \x01(\t\x12\x0b\n\x03via\x18\r \x01(\tB\x05\n\x03_rc\"8\n\x0bResultBatch\x12)\n\x07results\x18\x01 \x03(\x0b\x32\x18.relaytree.v1.NodeResult*T\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x08\n\x04PASS\x10\x01\x12\n\n\x06\x46\x41ILED\x10\x02\x12\x0b\n\x07TIMEOUT\x10\x03\x12\x0f\n\x0bUNREACHABLE\x10\x04\x32\xbe\x01\n\x05Relay\x12:\n\x04\x45xec\x12\x15.relaytree.v1.Request\x1a\x19.relaytree.v1.ResultBatch0\x01\x12:\n\x04Ping\x12\x15.relaytree.v1.Request\x1a\x19.relaytree.v1.ResultBatch0\x01\x12=\n\x04\x43opy\x12\x16.relaytree.v1.RawFrame\x1a\x19.relaytree.v1.ResultBatch(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXECSPEC_ENVENTRY']._loaded_options = None
   _globals['_EXECSPEC_ENVENTRY']._serialized_options = b'8\001'
-  _globals['_STATUS']._serialized_start=1575
-  _globals['_STATUS']._serialized_end=1659
+  _globals['_EXECSPEC_STDINSHA256ENTRY']._loaded_options = None
+  _globals['_EXECSPEC_STDINSHA256ENTRY']._serialized_options = b'8\001'
+  _globals['_ROUTE_BLOBSENTRY']._loaded_options = None
+  _globals['_ROUTE_BLOBSENTRY']._serialized_options = b'8\001'
+  _globals['_ROUTE_STDINENTRY']._loaded_options = None
+  _globals['_ROUTE_STDINENTRY']._serialized_options = b'8\001'
+  _globals['_STATUS']._serialized_start=1979
+  _globals['_STATUS']._serialized_end=2063
   _globals['_RAWFRAME']._serialized_start=46
   _globals['_RAWFRAME']._serialized_end=70
   _globals['_TARGET']._serialized_start=72
@@ -44,25 +50,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ARGV']._serialized_start=385
   _globals['_ARGV']._serialized_end=405
   _globals['_EXECSPEC']._serialized_start=408
-  _globals['_EXECSPEC']._serialized_end=656
-  _globals['_EXECSPEC_ENVENTRY']._serialized_start=603
-  _globals['_EXECSPEC_ENVENTRY']._serialized_end=645
-  _globals['_COPYSPEC']._serialized_start=659
-  _globals['_COPYSPEC']._serialized_end=842
-  _globals['_PINGSPEC']._serialized_start=844
-  _globals['_PINGSPEC']._serialized_end=854
-  _globals['_AUTHENTICATOR']._serialized_start=856
-  _globals['_AUTHENTICATOR']._serialized_end=906
-  _globals['_ROUTE']._serialized_start=908
-  _globals['_ROUTE']._serialized_end=1015
-  _globals['_REQUEST']._serialized_start=1017
-  _globals['_REQUEST']._serialized_end=1123
-  _globals['_PINGINFO']._serialized_start=1125
-  _globals['_PINGINFO']._serialized_end=1226
-  _globals['_NODERESULT']._serialized_start=1229
-  _globals['_NODERESULT']._serialized_end=1515
-  _globals['_RESULTBATCH']._serialized_start=1517
-  _globals['_RESULTBATCH']._serialized_end=1573
-  _globals['_RELAY']._serialized_start=1662
-  _globals['_RELAY']._serialized_end=1852
+  _globals['_EXECSPEC']._serialized_end=771
+  _globals['_EXECSPEC_ENVENTRY']._serialized_start=666
+  _globals['_EXECSPEC_ENVENTRY']._serialized_end=708
+  _globals['_EXECSPEC_STDINSHA256ENTRY']._serialized_start=710
+  _globals['_EXECSPEC_STDINSHA256ENTRY']._serialized_end=760
+  _globals['_STDINPATCH']._serialized_start=773
+  _globals['_STDINPATCH']._serialized_end=847
+  _globals['_COPYSPEC']._serialized_start=850
+  _globals['_COPYSPEC']._serialized_end=1033
+  _globals['_PINGSPEC']._serialized_start=1035
+  _globals['_PINGSPEC']._serialized_end=1045
+  _globals['_AUTHENTICATOR']._serialized_start=1047
+  _globals['_AUTHENTICATOR']._serialized_end=1097
+  _globals['_ROUTE']._serialized_start=1100
+  _globals['_ROUTE']._serialized_end=1419
+  _globals['_ROUTE_BLOBSENTRY']._serialized_start=1303
+  _globals['_ROUTE_BLOBSENTRY']._serialized_end=1347
+  _globals['_ROUTE_STDINENTRY']._serialized_start=1349
+  _globals['_ROUTE_STDINENTRY']._serialized_end=1419
+  _globals['_REQUEST']._serialized_start=1421
+  _globals['_REQUEST']._serialized_end=1527
+  _globals['_PINGINFO']._serialized_start=1529
+  _globals['_PINGINFO']._serialized_end=1630
+  _globals['_NODERESULT']._serialized_start=1633
+  _globals['_NODERESULT']._serialized_end=1919
+  _globals['_RESULTBATCH']._serialized_start=1921
+  _globals['_RESULTBATCH']._serialized_end=1977
+  _globals['_RELAY']._serialized_start=2066
+  _globals['_RELAY']._serialized_end=2256
 # @@protoc_insertion_point(module_scope)

@@ -63,7 +63,7 @@ class Argv(_message.Message):
     def __init__(self, args: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ExecSpec(_message.Message):
-    __slots__ = ("shell", "argv", "env", "cwd", "user", "stdin", "timeout_ms", "output_limit")
+    __slots__ = ("shell", "argv", "env", "cwd", "user", "stdin", "timeout_ms", "output_limit", "stdin_sha256")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,13 @@ class ExecSpec(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class StdinSha256Entry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     SHELL_FIELD_NUMBER: _ClassVar[int]
     ARGV_FIELD_NUMBER: _ClassVar[int]
     ENV_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +86,7 @@ class ExecSpec(_message.Message):
     STDIN_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    STDIN_SHA256_FIELD_NUMBER: _ClassVar[int]
     shell: str
     argv: Argv
     env: _containers.ScalarMap[str, str]
@@ -87,7 +95,20 @@ class ExecSpec(_message.Message):
     stdin: bytes
     timeout_ms: int
     output_limit: int
-    def __init__(self, shell: _Optional[str] = ..., argv: _Optional[_Union[Argv, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., user: _Optional[str] = ..., stdin: _Optional[bytes] = ..., timeout_ms: _Optional[int] = ..., output_limit: _Optional[int] = ...) -> None: ...
+    stdin_sha256: _containers.ScalarMap[str, bytes]
+    def __init__(self, shell: _Optional[str] = ..., argv: _Optional[_Union[Argv, _Mapping]] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., user: _Optional[str] = ..., stdin: _Optional[bytes] = ..., timeout_ms: _Optional[int] = ..., output_limit: _Optional[int] = ..., stdin_sha256: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class StdinPatch(_message.Message):
+    __slots__ = ("base", "prefix", "suffix", "middle")
+    BASE_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    SUFFIX_FIELD_NUMBER: _ClassVar[int]
+    MIDDLE_FIELD_NUMBER: _ClassVar[int]
+    base: str
+    prefix: int
+    suffix: int
+    middle: bytes
+    def __init__(self, base: _Optional[str] = ..., prefix: _Optional[int] = ..., suffix: _Optional[int] = ..., middle: _Optional[bytes] = ...) -> None: ...
 
 class CopySpec(_message.Message):
     __slots__ = ("dest", "size", "sha256", "chunk_size", "src_name", "mode", "owner", "group", "mkdirs", "backup", "check")
@@ -128,16 +149,34 @@ class Authenticator(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class Route(_message.Message):
-    __slots__ = ("targets", "width", "connect_timeout_ms", "batch_ms")
+    __slots__ = ("targets", "width", "connect_timeout_ms", "batch_ms", "blobs", "stdin")
+    class BlobsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    class StdinEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: StdinPatch
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[StdinPatch, _Mapping]] = ...) -> None: ...
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     CONNECT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     BATCH_MS_FIELD_NUMBER: _ClassVar[int]
+    BLOBS_FIELD_NUMBER: _ClassVar[int]
+    STDIN_FIELD_NUMBER: _ClassVar[int]
     targets: _containers.RepeatedCompositeFieldContainer[Target]
     width: int
     connect_timeout_ms: int
     batch_ms: int
-    def __init__(self, targets: _Optional[_Iterable[_Union[Target, _Mapping]]] = ..., width: _Optional[int] = ..., connect_timeout_ms: _Optional[int] = ..., batch_ms: _Optional[int] = ...) -> None: ...
+    blobs: _containers.ScalarMap[str, bytes]
+    stdin: _containers.MessageMap[str, StdinPatch]
+    def __init__(self, targets: _Optional[_Iterable[_Union[Target, _Mapping]]] = ..., width: _Optional[int] = ..., connect_timeout_ms: _Optional[int] = ..., batch_ms: _Optional[int] = ..., blobs: _Optional[_Mapping[str, bytes]] = ..., stdin: _Optional[_Mapping[str, StdinPatch]] = ...) -> None: ...
 
 class Request(_message.Message):
     __slots__ = ("envelope", "auth", "route")
