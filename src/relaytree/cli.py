@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import logging
 import os
 import sys
 from typing import Dict, List, Optional
@@ -131,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--insecure", action="store_true",
                    help="plaintext gRPC without TLS or signatures: local experiments only")
+
+    p = sub.add_parser("supervise", help="keep `relaytree serve` running where there is no systemd: "
+                                         "restarts with backoff, pid file, log file, --detach")
+    from relaytree import supervise as _supervise  # stdlib only
+    _supervise.add_arguments(p)
     return parser
 
 
@@ -253,10 +256,15 @@ def _cmd_serve(args) -> int:
     return daemon.main(args)
 
 
+def _cmd_supervise(args) -> int:
+    from relaytree import supervise
+    return supervise.main(args)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = {"exec": _cmd_exec, "copy": _cmd_copy, "ping": _cmd_ping, "serve": _cmd_serve,
+    handler = {"exec": _cmd_exec, "copy": _cmd_copy, "ping": _cmd_ping, "serve": _cmd_serve, "supervise": _cmd_supervise,
                "keys": _cmd_keys}
     try:
         return handler[args.command](args)

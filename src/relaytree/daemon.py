@@ -8,7 +8,7 @@ import os
 import socket
 import sys
 from dataclasses import fields
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 from relaytree import server
 

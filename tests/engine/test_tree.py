@@ -9,7 +9,6 @@ import signal
 import subprocess
 import time
 
-import pytest
 
 from conftest import RELAYTREE, run_cli
 from relaytree import client as rclient
