@@ -333,14 +333,12 @@ def _group_has_live_member(pgid: int) -> bool:
     return False
 
 
-def _describe_exit(rc: int) -> str:
-    if rc < 0:
-        try:
-            name = signal.Signals(-rc).name
-        except ValueError:
-            name = "unknown signal"
-        return f"killed by signal {-rc} ({name})"
-    return f"exit status {rc}"
+def _describe_signal(rc: int) -> str:
+    try:
+        name = signal.Signals(-rc).name
+    except ValueError:
+        name = "unknown signal"
+    return f"killed by signal {-rc} ({name})"
 
 
 def _spawn_failure(exc: BaseException, program: str, cwd: str, plan: _Plan) -> "tuple[Optional[int], str]":
@@ -499,7 +497,8 @@ class _Execution:
                 return self.outcome(FAILED, None, "the command ended with an unknown status", started)
             if rc == 0:
                 return self.outcome(PASS, 0, "", started)
-            return self.outcome(FAILED, rc, _describe_exit(rc), started)
+            # A plain non-zero exit is said by rc alone; a signal death needs words.
+            return self.outcome(FAILED, rc, _describe_signal(rc) if rc < 0 else "", started)
 
         # Timed out.
         last = await self.terminate()
