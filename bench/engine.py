@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from localfleet import Fleet, free_port  # noqa: E402
+from localfleet import Fleet  # noqa: E402
 
 from relaytree import client as rclient  # noqa: E402
 from relaytree.results import Status  # noqa: E402
@@ -43,8 +43,7 @@ def own_cpu() -> float:
 
 
 def start_fleet(tmp: Path, count: int) -> Fleet:
-    names = ["127.0.0.%d" % (2 + i) for i in range(count)]
-    return Fleet(tmp / ("fleet%d" % count), count, free_port(names)).start()
+    return Fleet(tmp / ("fleet%d" % count), count).start()
 
 
 def bench_exec(tmp: Path, sizes, widths, repeats: int) -> list:

@@ -80,22 +80,37 @@ class Daemon:
         return 0
 
 
-class Fleet:
-    """N daemons on 127.0.0.2 ... 127.0.0.(N+1), all on one port, each with its own base dir."""
+def secure_config(daemon: Daemon, pki: Path, extra: str = "") -> Path:
+    """A daemon config with the node's TLS material and the controller's key from `pki`
+    (a directory made by `relaytree keys init`); `extra` is appended (e.g. a policy)."""
+    path = daemon.base_dir.parent / (daemon.name + ".toml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        '[tls]\ncert = "%s"\nkey = "%s"\nca = "%s"\n\n[auth]\ntrusted_keys = ["%s"]\n%s'
+        % (pki / "nodes" / (daemon.name + ".crt"), pki / "nodes" / (daemon.name + ".key"),
+           pki / "ca.crt", pki / "signing" / "controller.pub", extra))
+    return path
 
-    def __init__(self, tmp: Path, count: int, port: int, first: int = 2, extra_args=(),
-                 config=None):
-        """config(daemon) -> path of a config file: a secure fleet (no --insecure)."""
+
+class Fleet:
+    """N daemons on 127.0.0.2 ... 127.0.0.(N+1), all on one port, each with its own base dir.
+
+    With `pki` they run secure (mutual TLS, signed requests), else with --insecure.
+    """
+
+    def __init__(self, tmp: Path, count: int, port: Optional[int] = None, first: int = 2,
+                 extra_args=(), pki: Optional[Path] = None, policy: str = ""):
         self.tmp = tmp
-        self.port = port
-        self.daemons = [Daemon("127.0.0.%d" % (first + i), port, tmp / ("n%d" % (first + i)),
-                               tmp / ("n%d.log" % (first + i)), list(extra_args))
-                        for i in range(count)]
-        if config is not None:
-            tmp.mkdir(parents=True, exist_ok=True)
+        self.pki = pki
+        names = ["127.0.0.%d" % (first + i) for i in range(count)]
+        self.port = port or free_port(names)
+        self.daemons = [Daemon(name, self.port, tmp / ("n" + name.rsplit(".", 1)[1]),
+                               tmp / ("n%s.log" % name.rsplit(".", 1)[1]), list(extra_args))
+                        for name in names]
+        if pki is not None:
             for d in self.daemons:
                 d.insecure = False
-                d.extra_args += ["--config", str(config(d))]
+                d.extra_args += ["--config", str(secure_config(d, pki, policy))]
 
     @property
     def nodeset(self) -> str:
@@ -128,6 +143,9 @@ class Fleet:
 
     def by_name(self, name: str) -> Daemon:
         return next(d for d in self.daemons if d.name == name)
+
+    def base(self, name: str) -> Path:
+        return self.by_name(name).base_dir
 
 
 def free_port(hosts) -> int:

@@ -198,21 +198,8 @@ class Relay:
             outcome.node = op.me
             stream.put(outcome.to_pb())
 
-        async def run_all():
-            try:
-                await asyncio.gather(run_local(), self._fanout(op, kind, stream.put).run())
-            finally:
-                stream.close()
-
-        task = asyncio.ensure_future(run_all())
-        try:
-            async for batch in stream.batches():
-                yield batch
-            await task
-        finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        async for batch in stream.serve(run_local(), self._fanout(op, kind, stream.put).run()):
+            yield batch
 
     # -- exec ----------------------------------------------------------------------------
 
@@ -409,21 +396,10 @@ class Relay:
                     report_local(Status.PASS, changed=changed, dest=outcome.dest)
                 local = None
 
-        async def run_all():
-            try:
-                await asyncio.gather(receive(), self._fanout(op, "copy", stream.put, feed).run())
-            finally:
-                stream.close()
-
-        task = asyncio.ensure_future(run_all())
         try:
-            async for batch in stream.batches():
+            async for batch in stream.serve(receive(), self._fanout(op, "copy", stream.put, feed).run()):
                 yield batch
-            await task
         finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
             if local is not None:
                 local.abort()
             landed.abort()

@@ -91,6 +91,25 @@ class ResultStream:
             if end:
                 return
 
+    async def serve(self, *work):
+        """Yield batches while the coroutines `work` run (they put results here); the
+        stream ends when all are done, and they are cancelled if the consumer goes away."""
+        async def run_all():
+            try:
+                await asyncio.gather(*work)
+            finally:
+                self.close()
+
+        task = asyncio.ensure_future(run_all())
+        try:
+            async for batch in self.batches():
+                yield batch
+            await task
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
 
 class ReplayUnavailable(Exception):
     """A late reader needs chunks this relay no longer has (its local copy failed)."""

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 
-from localfleet import RELAYTREE, Daemon, Fleet, free_port  # noqa: E402,F401
+from localfleet import RELAYTREE, Daemon, Fleet  # noqa: E402,F401
 
 
 @pytest.fixture
@@ -20,9 +20,7 @@ def fleet_factory(tmp_path):
     fleets: List[Fleet] = []
 
     def make(count: int, **kw) -> Fleet:
-        first = kw.get("first", 2)
-        port = free_port(["127.0.0.%d" % (first + i) for i in range(count)])
-        fleet = Fleet(tmp_path / ("fleet%d" % len(fleets)), count, port, **kw)
+        fleet = Fleet(tmp_path / ("fleet%d" % len(fleets)), count, **kw)
         fleets.append(fleet)
         return fleet.start()
 

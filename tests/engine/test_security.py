@@ -34,20 +34,9 @@ def pki(tmp_path_factory):
     return d
 
 
-def secure_config(pki, policy: str = ""):
-    def make(daemon):
-        path = daemon.base_dir.parent / (daemon.name + ".toml")
-        path.write_text(
-            '[tls]\ncert = "%s"\nkey = "%s"\nca = "%s"\n\n[auth]\ntrusted_keys = ["%s"]\n%s'
-            % (pki / "nodes" / (daemon.name + ".crt"), pki / "nodes" / (daemon.name + ".key"),
-               pki / "ca.crt", pki / "signing" / "controller.pub", policy))
-        return path
-    return make
-
-
 @pytest.fixture
 def secure_fleet(fleet_factory, pki):
-    return fleet_factory(len(NAMES), config=secure_config(pki))
+    return fleet_factory(len(NAMES), pki=pki)
 
 
 def markers(fleet, name="marker"):
@@ -232,7 +221,7 @@ def test_insecure_mode_says_so(fleet_factory):
 
 def test_policy_limits_exec_copy_and_symlink_escapes(fleet_factory, pki, tmp_path):
     policy = ('[auth.policy.default]\nallow_exec = false\ncopy_dest_prefixes = ["/srv"]\n')
-    fleet = fleet_factory(2, config=secure_config(pki, policy))
+    fleet = fleet_factory(2, pki=pki, policy=policy)
     c = rclient.secure_client(str(pki), port=fleet.port)
     out = c.exec(fleet.names, "touch marker")
     assert all(o.status is Status.FAILED and "may not exec" in o.error for o in out.values()), out
@@ -312,7 +301,7 @@ def _raw_call(address, method, payload, stream=False):
 
 @pytest.fixture
 def fuzz_fleet(fleet_factory, pki):
-    return fleet_factory(1, config=secure_config(pki))
+    return fleet_factory(1, pki=pki)
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -1,130 +1,29 @@
 """Fixtures: real relay daemons on 127.0.0.N and real ansible-playbook runs against them.
 
-The daemon bits are those of tests/engine/conftest.py (copied: the two test trees
-stay independent). Each daemon runs with --base-dir, so a request path /data/f
-lands at BASE/data/f and cwd "/" is BASE.
+Daemons come from tools/localfleet.py, as in the engine tests. Each runs with
+--base-dir, so a request path /data/f lands at BASE/data/f and cwd "/" is BASE.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-RELAYTREE = [sys.executable, "-m", "relaytree.cli"]
+sys.path.insert(0, str(ROOT / "tools"))
+
+from localfleet import Fleet  # noqa: E402
 ANSIBLE_PLAYBOOK = str(Path(sys.executable).parent / "ansible-playbook")
-
-
-@dataclass
-class Daemon:
-    name: str
-    port: int
-    base_dir: Path
-    log_path: Path
-    pki: Optional[Path] = None  # None: --insecure
-    proc: Optional[subprocess.Popen] = None
-    _log: object = field(default=None, repr=False)
-
-    def start(self) -> None:
-        self.base_dir.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")
-        if self.pki is None:
-            security = ["--insecure"]
-        else:  # mutual TLS and signed requests, as in production
-            config = self.base_dir.parent / (self.name + ".toml")
-            config.write_text('[tls]\ncert = "%s"\nkey = "%s"\nca = "%s"\n\n[auth]\ntrusted_keys = ["%s"]\n' % (
-                self.pki / "nodes" / (self.name + ".crt"), self.pki / "nodes" / (self.name + ".key"),
-                self.pki / "ca.crt", self.pki / "signing" / "controller.pub"))
-            security = ["--config", str(config)]
-        self.proc = subprocess.Popen(
-            RELAYTREE + ["serve", "--listen", "%s:%d" % (self.name, self.port), "--base-dir", str(self.base_dir),
-                         "--state-dir", str(self.base_dir.parent / (self.name + ".state")),
-                         "--log-level", "info"] + security,
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def wait_ready(self, timeout: float = 15.0) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if not self.alive():
-                raise RuntimeError("daemon %s exited: %s" % (self.name, self.log_path.read_text()))
-            try:
-                socket.create_connection((self.name, self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("daemon %s not listening after %.0fs" % (self.name, timeout))
-
-    def stop(self) -> None:
-        if self.alive():
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=15)
-        if self._log is not None:
-            self._log.close()
-
-
-def free_port(hosts: List[str]) -> int:
-    """A port free on every address of the fleet (its daemons share one port)."""
-    for _ in range(100):
-        port = random.randint(20000, 40000)
-        try:
-            for host in hosts:
-                with socket.socket() as s:
-                    s.bind((host, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port")
-
-
-class Fleet:
-    """Daemons on 127.0.0.2 ... 127.0.0.(count+1), one port, each with its own base dir.
-
-    With ``pki`` (a key directory from ``relaytree keys init``) they run secure, else --insecure.
-    """
-
-    def __init__(self, tmp: Path, count: int, pki: Optional[Path] = None):
-        names = ["127.0.0.%d" % n for n in range(2, count + 2)]
-        self.port = free_port(names)
-        self.pki = pki
-        self.daemons = [Daemon(name, self.port, tmp / ("n" + name.rsplit(".", 1)[1]),
-                               tmp / ("n%s.log" % name.rsplit(".", 1)[1]), pki) for name in names]
-
-    @property
-    def names(self) -> List[str]:
-        return [d.name for d in self.daemons]
-
-    def base(self, name: str) -> Path:
-        return next(d.base_dir for d in self.daemons if d.name == name)
-
-    def start(self) -> "Fleet":
-        for d in self.daemons:
-            d.start()
-        for d in self.daemons:
-            d.wait_ready()
-        return self
-
-    def stop(self) -> None:
-        for d in self.daemons:
-            d.stop()
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +37,7 @@ def pki(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, pki):
     """16 secure daemons (mutual TLS, signed requests)."""
-    fleet = Fleet(tmp_path_factory.mktemp("fleet"), 16, pki).start()
+    fleet = Fleet(tmp_path_factory.mktemp("fleet"), 16, pki=pki).start()
     yield fleet
     fleet.stop()
 
