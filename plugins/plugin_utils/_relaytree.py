@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from ansible.errors import AnsibleError
+from ansible.module_utils.parsing.convert_bool import boolean
 
 # (module to find, package to install) for what the coordinator imports.
 RUNTIME_DEPENDENCIES = (("grpc", "grpcio"), ("google.protobuf", "protobuf"), ("ClusterShell", "ClusterShell"))
@@ -37,6 +38,16 @@ ENV_STATS = "RELAYTREE_COORDINATOR_STATS"  # file rewritten with the stats after
 
 START_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
+
+
+def tree_options(pki=None, insecure=False, connect_timeout=None, width=None, deadline=None) -> dict:
+    """The "tree" part of a coordinator request: how its client reaches the relays.
+
+    ``pki`` is expanded (~); ``insecure`` is taken as a boolean (strings from variables included).
+    """
+    return {"width": width, "connect_timeout": connect_timeout, "deadline": deadline,
+            "insecure": boolean(insecure or False, strict=False),
+            "pki": os.path.expanduser(str(pki)) if pki else None}
 
 
 class CoordinatorError(AnsibleError):
@@ -106,17 +117,31 @@ class Coordinator:
 
     def call(self, message: dict, timeout: float | None = None) -> dict:
         """Send one request, return the reply (its "ok" is true) or raise CoordinatorError."""
+        return self._exchange(self._connect(), message, timeout)
+
+    def tell(self, message: dict, timeout: float | None = 30.0) -> dict | None:
+        """Like call(), but only to a coordinator that already runs: None (nothing started) when none does.
+
+        For news that only matters to a running coordinator (a host is done with a task).
+        """
+        try:
+            sock = self._try_connect()
+        except CoordinatorError:
+            return None
+        return None if sock is None else self._exchange(sock, message, timeout)
+
+    def _exchange(self, sock: socket.socket, message: dict, timeout: float | None) -> dict:
         data = json.dumps(message).encode("utf-8") + b"\n"
-        sock = self._connect()
         try:
             sock.settimeout(timeout)
             sock.sendall(data)
-            reply = b""
-            while not reply.endswith(b"\n"):
-                chunk = sock.recv(1 << 16)
+            chunks = []  # a reply may carry megabytes (fetched files): no quadratic +=
+            while not chunks or not chunks[-1].endswith(b"\n"):
+                chunk = sock.recv(1 << 20)
                 if not chunk:
                     break
-                reply += chunk
+                chunks.append(chunk)
+            reply = b"".join(chunks)
         except socket.timeout:
             raise CoordinatorError("no answer from the relaytree coordinator within %.0f s (%s)"
                                    % (timeout, self.log_path)) from None

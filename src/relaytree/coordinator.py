@@ -24,11 +24,24 @@ Every reply has ``"ok"``; a failed request has ``"ok": false, "error": ...``.
   comes when that operation is over. For ``copy``, ``args.src`` is a file
   readable by the coordinator and ``operation`` carries ``checksum`` (sha1)
   and ``size`` of it.
+
+  Optional fields of an ``exec`` request (the ``relay`` connection plugin):
+  ``stdin_b64`` is this host's own stdin (base64, any bytes), outside the
+  operation hash: hosts with the same command and different stdins are still one
+  tree operation, each node getting its own bytes (``Client.exec_async(...,
+  stdin_by_node=...)``); it replaces ``args.stdin``. With ``"raw": true`` the
+  reply's outcome carries ``stdout_b64``/``stderr_b64`` (the exact bytes)
+  instead of the decoded ``stdout``/``stderr``. ``window`` (any tree op) is the
+  size of the worker pool when no strategy announced the task: when that many
+  hosts wait in the task, nobody else can come.
 * ``{"op": "expect", "task", "hosts", "window", "name"}``: exact membership
   (from the ``tree`` strategy): the hosts that will run the task, and how many
   of them can run at once (the worker pool).
 * ``{"op": "done", "task", "hosts"}``: these hosts are finished with the task
-  (or were skipped by ``when``); nobody waits for them any more.
+  (or were skipped by ``when``); nobody waits for them any more. Without the
+  strategy (the ``relay`` connection reports its own host when Ansible closes
+  it), a done host that comes back to the task (a handler run again) starts a
+  new run of it: the done set is cleared.
 * ``{"op": "pass", "task", "step", "host"}``: this host goes through ``step``
   without a tree operation this time (for example ``creates`` decided).
 * ``{"op": "stats"}``: tree operations run so far, per task.
@@ -51,6 +64,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import hashlib
 import json
@@ -68,17 +82,21 @@ from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 import relaytree
 from relaytree import client as rclient
+from relaytree import stdin as stdin_codec
 from relaytree.results import NodeOutcome, failed
 
 log = logging.getLogger("relaytree.coordinator")
 
 TREE_OPS = ("exec", "copy", "ping")
-MAX_LINE = 64 << 20  # exec stdin travels inline
+MAX_LINE = 96 << 20  # exec stdin travels inline (base64 for stdin_b64)
 DEFAULT_GAP = 0.3
 DEFAULT_EXACT_GAP = 30.0
 DEFAULT_IDLE_EXIT = 300.0
 FORGET_TASK_AFTER = 3600.0  # drop the batching state of tasks idle this long
 KEEP_OPERATIONS = 1000  # operation records kept for "stats"
+# Per-node stdins travel inside one gRPC request (wire.MAX_MESSAGE is 64 MiB): an exec whose
+# encoded stdins (bases + deltas) are larger goes as several tree operations, run at once.
+STDIN_BUDGET = 32 << 20
 _RUN_FILE = re.compile(r"^(\d+)\.(sock|sock\.lock|log|d)$")  # files of one run (plugin_utils/_relaytree.py)
 
 
@@ -122,6 +140,8 @@ class Member:
     host: str
     node: str
     future: "asyncio.Future[Dict[str, Any]]"
+    stdin: Optional[bytes] = None  # this host's own stdin (exec stdin_b64), None: args.stdin
+    raw: bool = False  # reply with stdout_b64/stderr_b64
 
 
 @dataclass
@@ -188,12 +208,20 @@ class Coordinator:
         args, tree = req.get("args") or {}, req.get("tree") or {}
         if not isinstance(args, dict) or not isinstance(tree, dict):
             raise RequestError("args and tree must be objects")
+        stdin = _own_stdin(req, op, args)
+        window = req.get("window")
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 0):
+            raise RequestError("bad window %r" % (window,))
         state = self._task(task_id, req.get("name"))
         if not state.exact:
+            if host in state.done:  # it runs the task again (a handler): a new run for everyone
+                state.done.clear()
             state.expected.update(str(h) for h in req.get("expected") or ())
             state.expected.add(host)
+            if window:
+                state.window = window
         step = state.steps.setdefault(step_name, Step())
-        member = Member(host, node, asyncio.get_running_loop().create_future())
+        member = Member(host, node, asyncio.get_running_loop().create_future(), stdin, bool(req.get("raw")))
         group = Group(task_id, step_name, op, port, args, tree, [member])
         if req.get("alone"):  # run_once: nobody else will come
             step.rounds[host] += 1
@@ -321,7 +349,7 @@ class Coordinator:
             log.exception("tree operation %s/%s failed", group.task, group.step)
             error = "coordinator: %s: %s" % (type(exc).__name__, exc)
         seconds = time.monotonic() - started
-        self._count(group, seconds, error)
+        self._count(group, seconds, error, extra)
         info = dict(extra, hosts=len(nodes), seconds=round(seconds, 3))
         for m in group.members:
             if m.future.done():
@@ -330,8 +358,7 @@ class Coordinator:
                 m.future.set_result({"ok": False, "error": error})
             else:
                 outcome = outcomes.get(m.node) or failed(m.node, "no result")
-                m.future.set_result({"ok": True, "outcome": dict(outcome.to_dict(), node=m.node),
-                                     "operation": info})
+                m.future.set_result({"ok": True, "outcome": _outcome_dict(outcome, m), "operation": info})
         self.last_activity = time.monotonic()
 
     async def _tree(self, group: Group, nodes: List[str]) -> Tuple[Dict[str, NodeOutcome], Dict[str, Any]]:
@@ -344,11 +371,25 @@ class Coordinator:
             command = args.get("command")
             if not isinstance(command, (str, list)):
                 raise rclient.ClientError("exec: command must be a string or a list")
-            outcomes = await client.exec_async(
-                nodes, command, env=args.get("env") or {}, cwd=args.get("cwd") or "",
-                user=args.get("user") or "", stdin=(args.get("stdin") or "").encode("utf-8"),
-                timeout=args.get("timeout"), output_limit=int(args.get("output_limit") or 0), **common)
-            return outcomes, {}
+            stdin = (args.get("stdin") or "").encode("utf-8")
+            own = {m.node: m.stdin for m in group.members if m.stdin is not None}
+            if own:  # per-host stdins (stdin_b64): one for every node, shared when all equal
+                own = {m.node: own.get(m.node, stdin) for m in group.members}
+                if len(set(own.values())) == 1:
+                    stdin, own = next(iter(own.values())), {}
+            spec = dict(env=args.get("env") or {}, cwd=args.get("cwd") or "", user=args.get("user") or "",
+                        timeout=args.get("timeout"), output_limit=int(args.get("output_limit") or 0), **common)
+            if not own:
+                outcomes = await client.exec_async(nodes, command, stdin=stdin, **spec)
+                return outcomes, ({"stdin": "shared"} if stdin else {})
+            parts = stdin_parts(own, STDIN_BUDGET)
+            results = await asyncio.gather(*[
+                client.exec_async(part, command, stdin_by_node={n: own[n] for n in part}, **spec)
+                for part in parts])
+            outcomes = {}
+            for result in results:
+                outcomes.update(result)
+            return outcomes, dict({"stdin": "per-node"}, **({"parts": len(parts)} if len(parts) > 1 else {}))
         if group.op == "ping":
             return await client.ping_async(nodes, **common), {}
         if group.op == "copy":
@@ -381,7 +422,7 @@ class Coordinator:
                 return None, None
         return self.digests[key]
 
-    def _count(self, group: Group, seconds: float, error: str) -> None:
+    def _count(self, group: Group, seconds: float, error: str, extra: Optional[Dict[str, Any]] = None) -> None:
         state = self.tasks.get(group.task)
         entry = self.counts.setdefault(group.task, {"name": state.name if state else "",
                                                     "operations": 0, "steps": {}})
@@ -390,6 +431,9 @@ class Coordinator:
         self.operations.append({"task": group.task, "name": entry["name"], "step": group.step,
                                 "op": group.op, "hosts": [m.host for m in group.members],
                                 "seconds": round(seconds, 3), "error": error})
+        for key in ("stdin", "parts"):  # exec: "shared" or "per-node" stdin, cut into parts
+            if extra and key in extra:
+                self.operations[-1][key] = extra[key]
         if self.stats_file:
             tmp = self.stats_file + ".tmp"
             try:
@@ -467,6 +511,64 @@ class Coordinator:
 
     def idle(self) -> bool:
         return not self.connections and not self.running
+
+
+def stdin_parts(stdin_by_node: Dict[str, bytes], budget: int) -> List[List[str]]:
+    """The nodes of a per-node-stdin exec, cut into groups whose encoded stdins fit in ``budget`` bytes.
+
+    One group unless the stdins are large and different; nodes sharing a base stay together.
+    """
+    if sum(len(data) for data in stdin_by_node.values()) <= budget:
+        return [list(stdin_by_node)]  # fits even without deltas: no need to encode twice
+    _digests, blobs, patches = stdin_codec.encode(stdin_by_node)
+    if sum(len(b) for b in blobs.values()) + sum(len(p.middle) for p in patches.values()) <= budget:
+        return [list(stdin_by_node)]
+    by_base: Dict[str, List[str]] = {}
+    for node, patch in patches.items():
+        by_base.setdefault(patch.base, []).append(node)
+    parts: List[List[str]] = []
+    current: List[str] = []
+    bases: Set[str] = set()
+    size = 0
+    for base, nodes in by_base.items():
+        for node in nodes:
+            cost = len(patches[node].middle) + (0 if base in bases else len(blobs[base]))
+            if current and size + cost > budget:
+                parts.append(current)
+                current, bases, size = [], set(), 0
+                cost = len(patches[node].middle) + len(blobs[base])
+            current.append(node)
+            bases.add(base)
+            size += cost
+    parts.append(current)
+    return parts
+
+
+def _own_stdin(req: Dict[str, Any], op: str, args: Dict[str, Any]) -> Optional[bytes]:
+    """The bytes of an exec request's stdin_b64, or None when it has none."""
+    value = req.get("stdin_b64")
+    if value is None:
+        return None
+    if op != "exec":
+        raise RequestError("stdin_b64 is for exec requests only")
+    if args.get("stdin"):
+        raise RequestError("give args.stdin or stdin_b64, not both")
+    if not isinstance(value, str):
+        raise RequestError("stdin_b64 must be a base64 string")
+    try:
+        return base64.b64decode(value.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise RequestError("stdin_b64: bad base64: %s" % exc) from None
+
+
+def _outcome_dict(outcome: NodeOutcome, member: Member) -> Dict[str, Any]:
+    """A host's outcome in a reply: text output, or the exact bytes (base64) when it asked "raw"."""
+    out = dict(outcome.to_dict(), node=member.node)
+    if member.raw:
+        del out["stdout"], out["stderr"]
+        out["stdout_b64"] = base64.b64encode(outcome.stdout).decode("ascii")
+        out["stderr_b64"] = base64.b64encode(outcome.stderr).decode("ascii")
+    return out
 
 
 def _text(req: Dict[str, Any], key: str) -> str:

@@ -237,7 +237,7 @@ def test_process_refuses_other_users():
 def _probe_as_nobody(path):
     probe = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]);\n"
              "try:\n    s.sendall(b'{\"op\": \"stats\"}\\n'); print(repr(s.recv(100)))\n"
-             "except ConnectionResetError:\n    print(repr(b''))")  # closed on us: refused either way
+             "except (ConnectionResetError, BrokenPipeError):\n    print(repr(b''))")  # closed on us: refused either way
     for python in (sys.executable, "/usr/bin/python3"):
         try:
             out = subprocess.run([python, "-c", probe, path], user=65534, capture_output=True, text=True, timeout=30)

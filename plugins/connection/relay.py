@@ -1,0 +1,600 @@
+# Copyright: relaytree developers
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Connection plugin hpc.relaytree.relay: every module runs on the nodes through the relay tree, no SSH."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+name: relay
+short_description: Run any module on HPC nodes through the relaytree relay daemons, without SSH
+version_added: 0.1.0
+description:
+  - Runs everything Ansible does on a node (module runs, the file transfers and commands of actions such as
+    P(ansible.builtin.copy#module), P(ansible.builtin.template#module) or P(ansible.builtin.fetch#module),
+    fact gathering) through the C(relaytree serve) daemon of the node, reached over the relay tree with
+    mutual TLS and requests signed by the controller. No SSH is involved.
+  - The calls of all the hosts of a task go to the run's relaytree coordinator (a local process started on
+    first use, a UNIX socket in C(/tmp/relaytree-coord-UID/)), which sends the hosts that run the same
+    command as B(one) tree operation, each node with its own standard input (the module payloads of
+    different hosts differ by a few bytes; the transport sends them as shared bases plus small deltas).
+    Batching never changes results; every host keeps Ansible's normal per-host logic.
+  - Enable pipelining (the default of this plugin, see O(pipelining)); then a module run is a single
+    command with the module on its standard input.
+author:
+  - relaytree developers (!UNKNOWN)
+options:
+  host:
+    description:
+      - Address (or name) of the node's relay daemon.
+      - The variable C(relaytree_host), else C(ansible_host), else the inventory name of the host.
+    type: str
+    vars:
+      - name: inventory_hostname
+      - name: ansible_host
+      - name: relaytree_host
+      - name: delegated_vars['ansible_host']
+  port:
+    description:
+      - TCP port of the relay daemons.
+    type: int
+    default: 1995
+    vars:
+      - name: relaytree_port
+    env:
+      - name: ANSIBLE_RELAYTREE_PORT
+    ini:
+      - section: relaytree_connection
+        key: port
+  pki:
+    description:
+      - Directory of the controller's relaytree keys (TLS client certificate, CA, signing key), as made by
+        C(relaytree keys init).
+    type: path
+    default: ~/.relaytree/pki
+    vars:
+      - name: relaytree_pki
+    env:
+      - name: RELAYTREE_PKI
+    ini:
+      - section: relaytree_connection
+        key: pki
+  insecure:
+    description:
+      - Send plaintext, unsigned requests, which only daemons started with C(--insecure) accept.
+        For local experiments only.
+    type: bool
+    default: false
+    vars:
+      - name: relaytree_insecure
+    env:
+      - name: ANSIBLE_RELAYTREE_INSECURE
+    ini:
+      - section: relaytree_connection
+        key: insecure
+  connect_timeout:
+    description:
+      - Seconds to wait for a relay to accept a connection before it counts as unreachable (its subtree
+        is then served through the next member of its group).
+    type: float
+    default: 5.0
+    vars:
+      - name: relaytree_connect_timeout
+    env:
+      - name: ANSIBLE_RELAYTREE_CONNECT_TIMEOUT
+    ini:
+      - section: relaytree_connection
+        key: connect_timeout
+  width:
+    description:
+      - Tree width of the operations of this connection (children per relay).
+      - Defaults to the relaytree client's default (wide for commands, narrow for file copies).
+    type: int
+    vars:
+      - name: relaytree_width
+    env:
+      - name: ANSIBLE_RELAYTREE_WIDTH
+    ini:
+      - section: relaytree_connection
+        key: width
+  command_timeout:
+    description:
+      - Seconds a command (a module run) may take on a node before the daemon kills it; the task then
+        fails with a timeout message. V(0) means no limit (the task keyword C(timeout) still applies).
+    type: float
+    default: 0
+    vars:
+      - name: relaytree_command_timeout
+    env:
+      - name: ANSIBLE_RELAYTREE_COMMAND_TIMEOUT
+    ini:
+      - section: relaytree_connection
+        key: command_timeout
+  put_inline_limit:
+    description:
+      - Files up to this many bytes are sent to a node inside a command's standard input (one tree
+        operation for all the hosts of a task, whatever their paths and contents). Larger files go by a
+        tree copy (streamed in chunks) to a staging name next to the destination, then are renamed.
+    type: int
+    default: 4194304
+    vars:
+      - name: relaytree_put_inline_limit
+    env:
+      - name: ANSIBLE_RELAYTREE_PUT_INLINE_LIMIT
+    ini:
+      - section: relaytree_connection
+        key: put_inline_limit
+  fetch_limit:
+    description:
+      - Largest file, in bytes, that C(fetch_file) (P(ansible.builtin.fetch#module)) brings back from a node.
+        Larger files are refused with a message (the bytes come back through command output).
+    type: int
+    default: 67108864
+    vars:
+      - name: relaytree_fetch_limit
+    env:
+      - name: ANSIBLE_RELAYTREE_FETCH_LIMIT
+    ini:
+      - section: relaytree_connection
+        key: fetch_limit
+  pipelining:
+    description:
+      - Run modules by piping them to the interpreter's standard input instead of copying a file to the
+        node first, as for P(ansible.builtin.ssh#connection). One tree operation per module run instead
+        of four or five; strongly recommended, hence the default V(true) of this plugin (unlike core's).
+      - Set it to V(false) (E(ANSIBLE_PIPELINING=0), C(pipelining = false) in C([connection]) or
+        C([defaults]), or C(ansible_pipelining)) for modules that need a file on the node; everything still
+        works, with more operations.
+    type: bool
+    default: true
+    env:
+      - name: ANSIBLE_PIPELINING
+    ini:
+      - section: defaults
+        key: pipelining
+      - section: connection
+        key: pipelining
+    vars:
+      - name: ansible_pipelining
+notes:
+  - B(Task identity and batching.) The worker gives the plugin the task's uuid, the host's
+    C(ansible_play_batch) and C(forks); the coordinator merges the calls of the hosts of the same task at the
+    same step (the Nth command of the task on each host) that have the same command line and options.
+    A step is sent when every host of the batch is waiting in it or has finished the task, when C(forks)
+    hosts wait in the task, or when no host arrived for E(RELAYTREE_COORDINATOR_GAP) seconds (0.3 by
+    default). Hosts skipped by C(when), or that take another path through the action, cost one such gap.
+    Set C(forks) to at least the number of hosts for one operation per step. C(run_once) and
+    C(delegate_to) tasks, and uses outside a task, are one operation per host.
+  - B(What travels on standard input.) So that commands which differ between hosts (temporary directory
+    names, paths) are still one tree operation, a command without input is sent as a script on the standard
+    input of C(/bin/sh), which runs it exactly as C(/bin/sh -c CMD) with input from C(/dev/null); file
+    transfers send their paths on standard input too. Each node's bytes are covered by the controller's
+    signature.
+  - B(File transfers.) C(put_file) sends files up to O(put_inline_limit) inside a command's standard input.
+    Larger files go by a tree copy to a staging name in the remote temporary directory that is the same for
+    all the hosts of the task (one tree copy for all), then each host renames it into place; if that fails
+    (several nodes share the directory, another one took the file), the host gets its own copy.
+    C(fetch_file) reads the file through command output in 8 MiB pieces, up to O(fetch_limit).
+  - B(Users.) The relay daemon runs as root and runs commands as root; C(remote_user) and C(ansible_user)
+    are not used (Ansible treats the connection user as V(root)).
+  - B(Privilege escalation.) With C(become), the commands Ansible would wrap with the become method run
+    directly as C(become_user) (the daemon switches user itself, with that user's groups, C(HOME), C(USER)
+    and C(LOGNAME)), whatever the C(become_method) (P(ansible.builtin.sudo#become),
+    P(ansible.builtin.su#become) and others all mean "run as C(become_user)" here). No sudo or su is needed on
+    the nodes; become passwords, C(become_flags) and C(become_exe) are ignored. Ansible's own handling of
+    files for an unprivileged C(become_user) (ACLs or chown of its temporary files) applies unchanged.
+  - Commands start in C(/) (in the daemon's base directory when it runs with C(--base-dir)), not in a home
+    directory.
+  - A node whose daemon cannot be reached is reported unreachable. A command that times out
+    (O(command_timeout)), that cannot start (for example an unknown C(become_user)) or whose output exceeds
+    16 MiB fails the task with a message.
+  - If the daemons restrict copy destinations (C(copy_dest_prefixes) of the controller key), the remote
+    temporary directory must be allowed for files larger than O(put_inline_limit).
+  - The relaytree Python package ships in the collection's C(src/) directory; the controller needs the Python
+    packages grpcio, protobuf and ClusterShell (only the coordinator process loads them; no gRPC in Ansible's
+    own processes).
+requirements:
+  - grpcio, protobuf and ClusterShell on the controller
+  - the relaytree daemon on the nodes (role C(hpc.relaytree.relay)), and a Python for the modules
+"""
+
+EXAMPLES = r"""
+# inventory: every node through the relay tree, keys from `relaytree keys init`
+# [cluster:vars]
+# ansible_connection=hpc.relaytree.relay
+# relaytree_pki=/etc/relaytree/pki
+
+- hosts: cluster
+  gather_facts: true
+  tasks:
+    - name: Any module runs through the tree
+      ansible.builtin.lineinfile:
+        path: /etc/motd
+        line: managed by Ansible over relaytree
+
+    - name: As another user (no sudo needed on the nodes)
+      ansible.builtin.command: id -un
+      become: true
+      become_user: nobody
+      changed_when: false
+"""
+
+import base64
+import collections
+import hashlib
+import os
+import uuid
+
+from ansible import context
+from ansible.errors import AnsibleConnectionFailure, AnsibleError, AnsibleFileNotFound
+from ansible.module_utils.common.text.converters import to_bytes, to_text
+from ansible.plugins.connection import ConnectionBase
+from ansible.utils.display import Display
+
+from ansible_collections.hpc.relaytree.plugins.plugin_utils._relaytree import Coordinator, CoordinatorError, tree_options
+
+display = Display()
+
+# Largest output a node keeps per stream of one command (relaytree.wire.MAX_OUTPUT_LIMIT).
+OUTPUT_LIMIT = 16 << 20
+# fetch_file reads a file in pieces of this many 1 MiB blocks (raw bytes in the command output).
+FETCH_BLOCKS = 8
+# Commands longer than this are sent as they are (one argument of exec is limited to 128 KiB).
+SCRIPT_ON_STDIN_MAX = 64 << 10
+
+# What the coordinator merges is the same command line with per-host standard inputs. So the
+# per-host parts of the commands below travel on stdin (paths one per line, then data), and a
+# command without input (mkdir of a temporary directory with a random name, rm, chmod...) is
+# sent as a script on the stdin of this runner, which then runs it exactly as the daemon runs
+# a shell command (/bin/sh -c CMD, stdin /dev/null). Paths that contain a newline go as
+# arguments instead (that host is then an operation of its own).
+RUN_SCRIPT = 'c=$(cat) || exit 126; exec /bin/sh -c "$c" </dev/null'
+# put_file, small files: destination path, newline, content.
+PUT_SCRIPT = 'if [ $# -ge 1 ]; then p=$1; else IFS= read -r p || exit 97; fi; exec cat > "$p"'
+# put_file, large files: a tree copy lands at STAGING (a request path: under the daemon's --base-dir if
+# it has one), then this renames it; with cwd "/" the relative "./STAGING" is that same file either way.
+MOVE_SCRIPT = ('if [ $# -ge 2 ]; then s=$1; d=$2; else IFS= read -r s && IFS= read -r d || exit 97; fi; '
+               'mv -f -- "./$s" "$d" || { rc=$?; rm -f -- "./$s"; exit $rc; }')
+# fetch_file ($1 size limit, $2 blocks): the size on a line (nothing more above the limit), then the
+# first blocks; FETCH_MORE ($1 skip, $2 blocks) reads the next ones.
+FETCH_SCRIPT = r"""if [ $# -ge 3 ]; then f=$3; else IFS= read -r f || exit 97; fi
+if [ -d "$f" ]; then echo "$f is a directory" >&2; exit 3; fi
+if [ ! -e "$f" ]; then echo "$f: no such file" >&2; exit 4; fi
+n=$(wc -c < "$f") || exit 5
+n=$((n + 0))
+echo "$n"
+[ "$n" -le "$1" ] || exit 0
+exec dd if="$f" bs=1048576 count="$2" 2>/dev/null"""
+FETCH_MORE = ('if [ $# -ge 3 ]; then f=$3; else IFS= read -r f || exit 97; fi; '
+              'exec dd if="$f" bs=1048576 skip="$1" count="$2" 2>/dev/null')
+
+
+def script(name: str, body: str, *args: str) -> list:
+    """argv of a /bin/sh script ($0 is its name, for error messages)."""
+    return ["/bin/sh", "-c", body, name] + [str(a) for a in args]
+
+
+def paths_on_stdin(*paths: str) -> tuple:
+    """(stdin prefix, extra arguments) that pass paths to the scripts above: lines, or arguments."""
+    if any("\n" in p for p in paths):
+        return b"", list(paths)
+    return b"".join(p.encode("utf-8", "surrogateescape") + b"\n" for p in paths), []
+
+
+def command_form(cmd: str, in_data: bytes) -> tuple:
+    """(command, stdin) to send for exec_command(cmd, in_data): a command without input goes on stdin."""
+    if in_data or len(cmd) > SCRIPT_ON_STDIN_MAX:
+        return cmd, in_data
+    return script("relaytree-run", RUN_SCRIPT), cmd.encode("utf-8", "surrogateescape")
+
+
+class RelayBecome:
+    """Stands in for the task's become plugin on this connection.
+
+    Ansible wraps the commands that need privilege escalation with
+    ``connection.become.build_become_command(cmd, shell)`` (``sudo -u USER ...``)
+    right before it calls ``exec_command(cmd, sudoable=True)``. Here that call
+    leaves the command as it is and tells the connection to run it as
+    ``become_user``: the daemon switches user itself, so the nodes need no sudo
+    and no password. Everything else (options, pipelining support, names) is the
+    real plugin's, so Ansible's handling of an unprivileged become user (temporary
+    file permissions, ``~`` expansion) stays as with any connection.
+    """
+
+    def __init__(self, plugin, connection: "Connection"):
+        self._plugin = plugin
+        self._connection = connection
+
+    def __getattr__(self, name):
+        if name in ("_plugin", "_connection"):  # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self._plugin, name)
+
+    @property
+    def become_user(self) -> str:
+        try:
+            user = self._plugin.get_option("become_user")
+        except KeyError:
+            user = None
+        return str(user or getattr(self._connection._play_context, "become_user", None) or "root")
+
+    def build_become_command(self, cmd, shell):
+        self._connection._run_as_next = self.become_user
+        return cmd
+
+
+def command_result(outcome: dict, node: str, user: str = "") -> tuple:
+    """(rc, stdout, stderr) of a raw exec outcome, or the exception Ansible should see."""
+    status = outcome.get("status")
+    error = outcome.get("error") or ""
+    if status == "UNREACHABLE":
+        raise AnsibleConnectionFailure("relaytree: %s unreachable: %s" % (node, error or "no answer"))
+    stdout = base64.b64decode(outcome.get("stdout_b64") or "")
+    stderr = base64.b64decode(outcome.get("stderr_b64") or "")
+    who = " as %s" % user if user else ""
+    if status == "TIMEOUT":
+        raise AnsibleError("relaytree: command timeout on %s%s: %s" % (node, who, error or "killed"))
+    rc = outcome.get("rc")
+    if rc is None:
+        raise AnsibleError("relaytree: cannot run the command on %s%s: %s" % (node, who, error or status))
+    for stream in ("stdout", "stderr"):
+        if outcome.get(stream + "_truncated"):
+            raise AnsibleError("relaytree: the %s of the command on %s is larger than %d MiB and was cut"
+                               % (stream, node, OUTPUT_LIMIT >> 20))
+    return rc, stdout, stderr
+
+
+def staging_path(out_path: str) -> str:
+    """This host's own staging name for a tree copy: next to out_path (a rename, not a copy, then)."""
+    return "%s.relaytree-%s" % (out_path, uuid.uuid4().hex[:12])
+
+
+def shared_staging_path(out_path: str, in_path: str, st: os.stat_result, key: str):
+    """A staging name the same for every host putting this local file in this task, or None.
+
+    Ansible puts files into a per-host temporary directory (REMOTE_TMP/ansible-tmp-TIME-PID-RANDOM/):
+    staging in REMOTE_TMP, with a name from the task and the local file, makes the copies of all
+    the hosts one tree copy.
+    """
+    parent, _name = os.path.split(out_path)
+    root, tmpdir = os.path.split(parent)
+    if not tmpdir.startswith("ansible-tmp-") or not root.startswith("/"):
+        return None
+    ident = "%s\0%s\0%d\0%d\0%d" % (key, os.path.abspath(in_path), st.st_size, st.st_mtime_ns, st.st_ino)
+    digest = hashlib.sha256(ident.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    return "%s/.relaytree-put-%s" % (root.rstrip("/"), digest)
+
+
+def fetch_size(first: bytes, path: str, node: str) -> tuple:
+    """(size, data) from the output of FETCH_SCRIPT: the size on the first line, then the first blocks."""
+    line, sep, data = first.partition(b"\n")
+    try:
+        if not sep:
+            raise ValueError(line)
+        return int(line), data
+    except ValueError:
+        raise AnsibleError("relaytree: cannot read the size of %s on %s (got %r)" % (path, node, first[:80])) from None
+
+
+class Connection(ConnectionBase):
+    """Each exec_command / put_file / fetch_file is this host's part of a coordinator tree operation."""
+
+    transport = "hpc.relaytree.relay"
+    has_pipelining = True
+    # The relay daemon runs commands as root: Ansible's idea of the connection user (tmp dirs, become).
+    default_user = "root"
+
+    def __init__(self, play_context, *args, **kwargs):
+        super().__init__(play_context, *args, **kwargs)
+        # The TaskExecutor passes the uuid of the task its worker runs (ansible-core 2.3+): all the hosts of
+        # that task (and no other) share it. Without it (uses outside a task) every call is on its own.
+        self._task_uuid = str(kwargs.get("task_uuid") or "")
+        try:
+            self._run_pid = int(kwargs.get("ansible_playbook_pid") or 0) or os.getppid()
+        except (TypeError, ValueError):
+            self._run_pid = os.getppid()
+        self._task_keys: dict = {}
+        self._inventory_hostname = ""
+        self._play_batch: list = []
+        self._steps: collections.Counter = collections.Counter()
+        self._requests = 0
+        self._run_as_next = ""
+        self._solo_id = "relay-solo-%d-%s" % (os.getpid(), uuid.uuid4().hex[:12])
+        self._coordinator: Coordinator | None = None
+
+    # -- what Ansible tells the connection ---------------------------------------------
+
+    def set_options(self, task_keys=None, var_options=None, direct=None):
+        super().set_options(task_keys=task_keys, var_options=var_options, direct=direct)
+        if task_keys:
+            self._task_keys = {key: task_keys.get(key) for key in
+                               ("uuid", "name", "action", "run_once", "delegate_to", "throttle")}
+
+    def update_vars(self, variables):
+        """Called by the worker with the host's task variables: who we are and who else runs the task."""
+        super().update_vars(variables)
+        self._inventory_hostname = str(variables.get("inventory_hostname") or "")
+        self._play_batch = [str(h) for h in variables.get("ansible_play_batch") or ()]
+
+    def set_become_plugin(self, plugin):
+        super().set_become_plugin(RelayBecome(plugin, self) if plugin is not None else None)
+
+    # -- identity of this host's calls ---------------------------------------------------
+
+    @property
+    def _node(self) -> str:
+        return str(self.get_option("host") or self._play_context.remote_addr or self._inventory_hostname)
+
+    @property
+    def _host(self) -> str:
+        return self._inventory_hostname or self._node
+
+    @property
+    def _task_id(self) -> str:
+        return self._task_uuid or str(self._task_keys.get("uuid") or "") or self._solo_id
+
+    @property
+    def _alone(self) -> bool:
+        """One operation for this host only: nothing to wait for (or nothing safe to merge with)."""
+        return (not (self._task_uuid or self._task_keys.get("uuid")) or bool(self._task_keys.get("run_once"))
+                or bool(self._task_keys.get("delegate_to")))
+
+    def _window(self) -> int:
+        """How many hosts can be in the task at once: the worker pool (forks), or the task's throttle."""
+        try:
+            window = int(context.CLIARGS.get("forks") or 0)
+        except (TypeError, ValueError):
+            window = 0
+        try:
+            throttle = int(self._task_keys.get("throttle") or 0)
+        except (TypeError, ValueError):
+            throttle = 0
+        if throttle > 0:
+            window = min(window, throttle) if window else throttle
+        return max(window, 0)
+
+    def _request(self, kind: str, op: str, args: dict, stdin: bytes | None = None, raw: bool = False,
+                 timeout: float | None = None) -> tuple:
+        """This host's part of one tree operation: (outcome dict, operation dict)."""
+        self._steps[kind] += 1
+        message = {
+            "op": op, "task": self._task_id, "step": "%s%d" % (kind, self._steps[kind]),
+            "name": str(self._task_keys.get("name") or self._task_keys.get("action") or ""),
+            "host": self._host, "node": self._node, "port": int(self.get_option("port")),
+            "expected": self._play_batch, "alone": self._alone, "window": self._window(),
+            "args": args,
+            "tree": tree_options(pki=self.get_option("pki"), insecure=self.get_option("insecure"),
+                                 connect_timeout=self.get_option("connect_timeout"), width=self.get_option("width")),
+        }
+        if stdin is not None:
+            message["stdin_b64"] = base64.b64encode(stdin).decode("ascii")
+        if raw:
+            message["raw"] = True
+        try:
+            reply = self._coordinator.call(message, timeout=timeout)
+        except CoordinatorError as exc:
+            raise AnsibleConnectionFailure(str(exc)) from None  # "relaytree coordinator: ..."
+        self._requests += 1
+        return reply["outcome"], reply.get("operation") or {}
+
+    def _exec(self, kind: str, command, stdin: bytes = b"", user: str = "", cwd: str = "",
+              output_limit: int = OUTPUT_LIMIT) -> tuple:
+        """Run a command (shell string or argv) on the node: (rc, stdout, stderr)."""
+        seconds = float(self.get_option("command_timeout") or 0)
+        args = {"command": command, "user": user, "cwd": cwd, "timeout": seconds or None,
+                "output_limit": output_limit}
+        outcome, _operation = self._request(kind, "exec", args, stdin=stdin, raw=True,
+                                            timeout=seconds + 300.0 if seconds else None)
+        return command_result(outcome, self._node, user)
+
+    # -- the connection API --------------------------------------------------------------
+
+    def _connect(self):
+        if not self._connected:
+            self._coordinator = Coordinator(run_pid=self._run_pid)
+            self._connected = True
+            display.vvv("RELAYTREE: %s through the relay tree (port %s)" % (self._node, self.get_option("port")),
+                        host=self._host)
+        return self
+
+    def exec_command(self, cmd, in_data=None, sudoable=True):
+        super().exec_command(cmd, in_data=in_data, sudoable=sudoable)
+        user = self._run_as_next if sudoable else ""
+        self._run_as_next = ""
+        display.vvv("EXEC %s%s" % (to_text(cmd), " (as %s)" % user if user else ""), host=self._host)
+        command, stdin = command_form(to_text(cmd, errors="surrogate_or_strict"), to_bytes(in_data or b""))
+        return self._exec("exec", command, stdin=stdin, user=user)
+
+    def put_file(self, in_path, out_path):
+        super().put_file(in_path, out_path)
+        display.vvv("PUT %s TO %s" % (in_path, out_path), host=self._host)
+        if not os.path.isfile(to_bytes(in_path, errors="surrogate_or_strict")):
+            raise AnsibleFileNotFound("file or module does not exist: %s" % to_text(in_path))
+        out_path = to_text(out_path)
+        size = os.path.getsize(to_bytes(in_path, errors="surrogate_or_strict"))
+        if size <= int(self.get_option("put_inline_limit")):
+            with open(to_bytes(in_path, errors="surrogate_or_strict"), "rb") as fh:
+                data = fh.read()
+            head, argv = paths_on_stdin(out_path)
+            rc, _out, err = self._exec("put", script("relaytree-put", PUT_SCRIPT, *argv), stdin=head + data)
+        else:
+            rc, err = self._put_by_copy(to_text(in_path), out_path)
+        if rc != 0:
+            raise AnsibleError("relaytree: failed to transfer %s to %s on %s: %s"
+                               % (to_text(in_path), out_path, self._node, to_text(err).strip() or "exit %s" % rc))
+
+    def _put_by_copy(self, in_path: str, out_path: str) -> tuple:
+        """A tree copy (streamed in chunks) to a staging name, then a rename to out_path: (rc, stderr).
+
+        First to a staging name shared by all the hosts of the task (one tree copy for all); if the
+        rename fails (the staging directory is shared by several nodes, a network home: another node
+        took the file), again to this host's own staging name.
+        """
+        if not out_path.startswith("/"):
+            raise AnsibleError("relaytree: cannot copy %s to the relative path %s" % (in_path, out_path))
+        shared = shared_staging_path(out_path, in_path, os.stat(in_path), "%d\0%s" % (self._run_pid, self._task_id))
+        if shared:
+            rc, err = self._copy_and_move(in_path, shared, out_path)
+            if rc == 0:
+                return rc, err
+            display.vvv("RELAYTREE: shared staging failed (%s): copying again for this host alone"
+                        % to_text(err).strip(), host=self._host)
+        return self._copy_and_move(in_path, staging_path(out_path), out_path)
+
+    def _copy_and_move(self, in_path: str, staging: str, out_path: str) -> tuple:
+        outcome, _operation = self._request("copy", "copy", {"src": os.path.abspath(in_path), "dest": staging,
+                                                             "mkdirs": True})
+        if outcome.get("status") == "UNREACHABLE":
+            raise AnsibleConnectionFailure("relaytree: %s unreachable: %s" % (self._node, outcome.get("error")))
+        if outcome.get("status") != "PASS":
+            return 1, to_bytes(outcome.get("error") or "tree copy %s" % outcome.get("status"))
+        head, argv = paths_on_stdin(staging.lstrip("/"), out_path)
+        rc, _out, err = self._exec("move", script("relaytree-put", MOVE_SCRIPT, *argv), stdin=head, cwd="/")
+        return rc, err
+
+    def fetch_file(self, in_path, out_path):
+        super().fetch_file(in_path, out_path)
+        display.vvv("FETCH %s TO %s" % (in_path, out_path), host=self._host)
+        in_path, limit = to_text(in_path), int(self.get_option("fetch_limit"))
+        chunk = FETCH_BLOCKS << 20
+        head, argv = paths_on_stdin(in_path)
+        rc, out, err = self._exec("fetch", script("relaytree-fetch", FETCH_SCRIPT, limit, FETCH_BLOCKS, *argv),
+                                  stdin=head, output_limit=chunk + 64)
+        if rc != 0:
+            raise AnsibleError("relaytree: cannot fetch %s from %s: %s"
+                               % (in_path, self._node, to_text(err).strip() or "exit %d" % rc))
+        size, data = fetch_size(out, in_path, self._node)
+        if size > limit:
+            raise AnsibleError("relaytree: %s on %s is %d bytes, more than the fetch limit of %d bytes "
+                               "(relaytree_fetch_limit): the file comes back through command output, "
+                               "so large files are refused" % (in_path, self._node, size, limit))
+        parts = [data]
+        got = len(data)
+        while got < size and not got % (1 << 20):
+            rc, more, err = self._exec("fetch", script("relaytree-fetch", FETCH_MORE, got >> 20, FETCH_BLOCKS, *argv),
+                                       stdin=head, output_limit=chunk)
+            if rc != 0 or not more:
+                break
+            parts.append(more)
+            got += len(more)
+            if got % (1 << 20) and got < size:  # a short block: the next skip= would be wrong
+                break
+        if got != size:
+            raise AnsibleError("relaytree: %s on %s changed while it was fetched (%d bytes announced, %d read)%s"
+                               % (in_path, self._node, size, got, ": " + to_text(err).strip() if err else ""))
+        with open(to_bytes(out_path, errors="surrogate_or_strict"), "wb") as fh:
+            for part in parts:
+                fh.write(part)
+
+    def close(self):
+        """The host is done with the task: a running coordinator need not wait for it at later steps."""
+        if self._connected and self._requests and not self._alone:
+            try:
+                self._coordinator.tell({"op": "done", "task": self._task_id, "hosts": [self._host]})
+            except CoordinatorError as exc:
+                display.debug("relaytree: cannot tell the coordinator that %s is done: %s" % (self._host, exc))
+        self._requests = 0
+        self._connected = False
+
+    def reset(self):
+        """Nothing to reset: no session is kept to the node (meta: reset_connection is a no-op)."""
+        display.vvv("RELAYTREE: reset_connection: nothing to reset")
