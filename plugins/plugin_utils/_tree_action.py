@@ -15,10 +15,9 @@ import datetime
 import os
 
 from ansible.errors import AnsibleActionFail
-from ansible.module_utils.parsing.convert_bool import boolean
 from ansible.plugins.action import ActionBase
 
-from ansible_collections.hpc.relaytree.plugins.plugin_utils._relaytree import Coordinator, CoordinatorError
+from ansible_collections.hpc.relaytree.plugins.plugin_utils._relaytree import Coordinator, CoordinatorError, tree_options
 
 DEFAULT_PORT = 1995  # relaytree.DEFAULT_PORT (not imported: keep workers light)
 
@@ -170,10 +169,9 @@ class TreeAction(ActionBase):
 
     def _tree_options(self) -> dict:
         args = self._tree_args
-        pki = self._option("pki")
-        return {"width": args.get("width"), "connect_timeout": args.get("connect_timeout"),
-                "deadline": args.get("deadline"), "insecure": boolean(self._option("insecure") or False, strict=False),
-                "pki": os.path.expanduser(str(pki)) if pki else None}
+        return tree_options(pki=self._option("pki"), insecure=self._option("insecure"),
+                            connect_timeout=args.get("connect_timeout"), width=args.get("width"),
+                            deadline=args.get("deadline"))
 
     def _request(self, step: str, op: str, op_args: dict, tree: dict | None = None) -> dict:
         """This host's part of one tree operation; returns the coordinator's reply."""
