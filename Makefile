@@ -10,9 +10,10 @@ PYTHON39 ?= $(firstword $(wildcard /root/.pyenv/versions/3.9*/bin/python3) $(she
 VENV39 := $(ROOT)/.venv39
 PYTEST := -m pytest -q -p no:cacheprovider
 
-.PHONY: setup proto lint test test-engine test-py39 test-integration bench demo clean
+.PHONY: setup proto lint test test-engine test-py39 test-integration bench clean
 
 include tools/ansible-test.mk
+include tools/demo.mk
 
 setup: $(STAMP)
 
@@ -40,7 +41,7 @@ test: setup
 # ansible-test lints the collection's plugins; this covers the package, tools and tests
 # (pyflakes-level checks, for the Python 3.9 the daemon must run on).
 lint: setup
-	$(VENV)/bin/ruff check --select E9,F --target-version py39 --exclude src/relaytree/v1 src tools bench tests
+	$(VENV)/bin/ruff check --select E9,F --target-version py39 --exclude src/relaytree/v1 src tools bench tests roles
 
 test-engine: setup
 	$(VENV)/bin/python $(PYTEST) tests/engine
