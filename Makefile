@@ -18,7 +18,8 @@ include tools/demo.mk
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements-dev.txt
-	@command -v sshd >/dev/null 2>&1 || test -x /usr/sbin/sshd || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client iproute2 >/dev/null; }
+	@{ test -x /usr/sbin/sshd && command -v ssh && command -v ip && command -v tc && command -v unshare; } >/dev/null 2>&1 || \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client iproute2 util-linux >/dev/null; }
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e . -r requirements-dev.txt

@@ -49,6 +49,16 @@ def insecure_fleet(tmp_path):
     fleet.stop()
 
 
+def parse_recap(stdout: str) -> Dict[str, Dict[str, int]]:
+    """Per-host PLAY RECAP counts (standard, one line per host)."""
+    out = {}
+    for line in stdout.split("PLAY RECAP")[-1].splitlines():
+        m = re.match(r"^(\S+)\s+:\s+(.*)$", line)
+        if m:
+            out[m.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
+    return out
+
+
 @dataclass
 class Run:
     proc: subprocess.CompletedProcess
@@ -60,13 +70,7 @@ class Run:
         return self.proc.stdout + self.proc.stderr
 
     def recap(self) -> Dict[str, Dict[str, int]]:
-        """Per-host PLAY RECAP counts (standard, one line per host)."""
-        out = {}
-        for line in self.proc.stdout.split("PLAY RECAP")[-1].splitlines():
-            m = re.match(r"^(\S+)\s+:\s+(.*)$", line)
-            if m:
-                out[m.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
-        return out
+        return parse_recap(self.proc.stdout)
 
     def operations(self, name: str) -> int:
         """Tree operations the coordinator ran for the task(s) with this name."""

@@ -37,6 +37,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools" / "simcluster"))
 import simcluster  # noqa: E402
+from conftest import parse_recap  # noqa: E402
 
 BIN = Path(sys.executable).parent
 COLLECTION_CONTENT = ("galaxy.yml", "meta", "plugins", "roles", "playbooks", "src", "pyproject.toml", "README.md",
@@ -74,12 +75,7 @@ class Run:
         return self.proc.stdout + self.proc.stderr
 
     def recap(self) -> Dict[str, Dict[str, int]]:
-        out = {}
-        for line in self.proc.stdout.split("PLAY RECAP")[-1].splitlines():
-            m = re.match(r"^(\S+)\s+:\s+(.*)$", line)
-            if m:
-                out[m.group(1)] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(2))}
-        return out
+        return parse_recap(self.proc.stdout)
 
 
 class Site:
