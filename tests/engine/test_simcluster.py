@@ -14,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SIMCLUSTER = ROOT / "tools" / "simcluster" / "simcluster.py"
+NODE_PYTHON = "/usr/bin/python3"  # /usr is shared with the nodes; the project dir may not be
 sys.path.insert(0, str(SIMCLUSTER.parent))
 import simcluster  # noqa: E402
 
@@ -138,9 +139,10 @@ def test_three_nodes(tmp_path):
         assert not os.path.exists(f"/etc/{marker}")
 
         # node to node over the bridge, by name
-        server = c.popen(n1, [sys.executable, "-c", SERVER], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        # Inside a node, /tmp is private: the project's venv may not be visible there.
+        server = c.popen(n1, [NODE_PYTHON, "-c", SERVER], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
-            r = c.exec(n2, [sys.executable, "-c", CLIENT, n1], timeout=40)
+            r = c.exec(n2, [NODE_PYTHON, "-c", CLIENT, n1], timeout=40)
             assert r.returncode == 0, r.stderr
             assert r.stdout.split() == [n1, c.addresses[n2]]
             server.wait(timeout=20)

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 # Copyright: relaytree developers
 # GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Controller side of the hpc.relaytree.relay role (run with ansible_playbook_python).
@@ -73,7 +72,7 @@ def _atomic_json(path: str, data) -> None:
 
 
 def _run(argv, env=None, what="command"):
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, check=False)
     if proc.returncode != 0:
         raise Failure("%s failed (rc=%d): %s\n%s" % (what, proc.returncode, " ".join(argv),
                                                      (proc.stdout + proc.stderr)[-4000:]))

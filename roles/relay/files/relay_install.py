@@ -19,7 +19,7 @@ steps = []
 
 
 def run(argv, what, env=None):
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, check=False)
     out = proc.stdout.decode("utf-8", "replace")
     if proc.returncode != 0:
         print(json.dumps({"failed": True, "step": what, "rc": proc.returncode, "argv": argv, "output": out[-6000:],

@@ -6,6 +6,7 @@
 # must be able to say "too old").
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -26,19 +27,14 @@ try:
 except (AttributeError, ValueError, OSError):
     libc, libc_version = platform.libc_ver()
 out["libc"], out["libc_version"] = libc or "unknown", libc_version or ""
-try:
-    import venv  # noqa: F401
-
-    out["venv_module"] = True
-except ImportError:
-    out["venv_module"] = False
+out["venv_module"] = importlib.util.find_spec("venv") is not None
 
 venv_python = os.path.join(args["venv"], "bin", "python")
 out["venv_version"] = None
 if os.path.exists(venv_python):
     try:
         proc = subprocess.run([venv_python, "-c", "import relaytree, sys; sys.stdout.write(relaytree.__version__)"],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=60)
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=60, check=False)
         if proc.returncode == 0:
             out["venv_version"] = proc.stdout.decode()
     except (OSError, subprocess.SubprocessError):
