@@ -61,4 +61,13 @@ notes:
 requirements:
   - grpcio, protobuf and ClusterShell on the controller
   - the relaytree daemon on the targets (role C(hpc.relaytree.relay))
+attributes:
+  action:
+    support: full
+  async:
+    support: none
+  bypass_host_loop:
+    support: none
+  platform:
+    platforms: posix
 """

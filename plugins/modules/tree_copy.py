@@ -71,20 +71,12 @@ extends_documentation_fragment:
   - ansible.builtin.action_common_attributes.flow
   - hpc.relaytree.tree
 attributes:
-  action:
-    support: full
-  async:
-    support: none
-  bypass_host_loop:
-    support: none
   check_mode:
     support: full
     details: The file is streamed and compared on every node, nothing is written; C(changed) tells what would change.
   diff_mode:
     support: partial
     details: For text files of at most 64 KiB; the current content is read on the nodes by one extra tree operation.
-  platform:
-    platforms: posix
   safe_file_operations:
     description: Writes a temporary file next to the destination, verifies its checksum and renames it atomically.
     support: full

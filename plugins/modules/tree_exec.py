@@ -82,19 +82,11 @@ extends_documentation_fragment:
   - ansible.builtin.action_common_attributes.flow
   - hpc.relaytree.tree
 attributes:
-  action:
-    support: full
-  async:
-    support: none
-  bypass_host_loop:
-    support: none
   check_mode:
     support: partial
     details: As M(ansible.builtin.command) - the command is skipped unless O(creates) or O(removes) decide.
   diff_mode:
     support: none
-  platform:
-    platforms: posix
 seealso:
   - module: ansible.builtin.command
   - module: hpc.relaytree.tree_copy

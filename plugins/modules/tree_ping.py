@@ -20,19 +20,11 @@ extends_documentation_fragment:
   - ansible.builtin.action_common_attributes.flow
   - hpc.relaytree.tree
 attributes:
-  action:
-    support: full
-  async:
-    support: none
-  bypass_host_loop:
-    support: none
   check_mode:
     support: full
     details: Read-only, runs the same in check mode.
   diff_mode:
     support: none
-  platform:
-    platforms: posix
 seealso:
   - module: ansible.builtin.ping
   - module: hpc.relaytree.tree_exec
