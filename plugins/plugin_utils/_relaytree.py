@@ -29,7 +29,7 @@ from ansible.module_utils.parsing.convert_bool import boolean
 # (module to find, package to install) for what the coordinator imports.
 RUNTIME_DEPENDENCIES = (("grpc", "grpcio"), ("google.protobuf", "protobuf"), ("ClusterShell", "ClusterShell"))
 
-# Environment knobs of the coordinator (defaults in relaytree.coordinator).
+# Environment knobs of the coordinator (defaults in relaytree.coordinator.batching and .server).
 ENV_DIR = "RELAYTREE_COORDINATOR_DIR"  # where sockets and logs live
 ENV_GAP = "RELAYTREE_COORDINATOR_GAP"  # seconds without a new host before a step is dispatched
 ENV_EXACT_GAP = "RELAYTREE_COORDINATOR_EXACT_GAP"  # the same, with the tree strategy (safety net)

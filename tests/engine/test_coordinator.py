@@ -1,8 +1,12 @@
-"""The Ansible coordinator: batching rules (fake tree) and the socket server (real daemons)."""
+"""The coordinator: tree operations (fake client), the server glue, and the process (real daemons).
+
+The batching rules themselves are tested without any of this in test_batching.py.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import shutil
@@ -14,133 +18,221 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import pytest
 
-from relaytree import coordinator as coord
+from relaytree import client as rclient
+from relaytree.coordinator import operations
+from relaytree.coordinator.batching import RequestError
+from relaytree.coordinator.operations import Spec, TreeOperations, stdin_parts
+from relaytree.coordinator.server import CoordinatorServer
 from relaytree.results import NodeOutcome, Status
 
 
-class FakeTree(coord.Coordinator):
-    """Records each tree operation instead of running it."""
+class FakeClient:
+    """Records the Client calls; exec answers every node with its own stdin on stdout (raw bytes)."""
 
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.ops: List[List[str]] = []
+    def __init__(self, fail=None):
+        self.calls = []
+        self.fail = fail
 
-    async def _tree(self, group, nodes):
-        self.ops.append(list(nodes))
-        return {n: NodeOutcome(node=n, status=Status.PASS, rc=0, stdout=n.encode()) for n in nodes}, {}
+    async def exec_async(self, nodes, command, *, stdin=b"", stdin_by_node=None, **kw):
+        self.calls.append(dict({"op": "exec", "nodes": list(nodes), "command": command, "stdin": stdin,
+                                "stdin_by_node": stdin_by_node}, **kw))
+        if self.fail:
+            raise self.fail
+        return {n: NodeOutcome(node=n, status=Status.PASS, rc=0, stdout=(stdin_by_node or {}).get(n, stdin),
+                               stderr=b"\xff") for n in nodes}
+
+    async def ping_async(self, nodes, **kw):
+        self.calls.append(dict({"op": "ping", "nodes": list(nodes)}, **kw))
+        return {n: NodeOutcome(node=n, status=Status.PASS) for n in nodes}
+
+    async def copy_async(self, nodes, src, dest, **kw):
+        self.calls.append(dict({"op": "copy", "nodes": list(nodes), "src": src, "dest": dest}, **kw))
+        return {n: NodeOutcome(node=n, status=Status.PASS, changed=True) for n in nodes}
 
 
-def req(host, task="t1", step="exec", args=None, expected=("a", "b", "c"), node=None, **kw):
-    return dict({"op": "exec", "task": task, "step": step, "host": host, "node": node or host, "port": 1995,
-                 "args": args or {"command": "true"}, "tree": {}, "expected": list(expected)}, **kw)
+@pytest.fixture
+def client():
+    return FakeClient()
 
 
-async def settle(seconds=0.05):
-    await asyncio.sleep(seconds)
+@pytest.fixture
+def tree_ops(client):
+    made = []
+
+    def factory(port, tree):
+        made.append((port, tree))
+        return client
+
+    ops = TreeOperations(client_factory=factory)
+    ops.made = made
+    return ops
 
 
-async def test_all_expected_arrived_dispatches_at_once():
-    c = FakeTree(gap=10)
-    futs = [c.submit(req(h)) for h in "abc"]
-    await settle()
-    assert c.ops == [["a", "b", "c"]]
-    replies = [await f for f in futs]
-    assert [r["outcome"]["stdout"] for r in replies] == ["a", "b", "c"]
+def server(tree_ops, **kw):
+    return CoordinatorServer(operations=tree_ops, **dict({"gap": 10}, **kw))
+
+
+def req(host, stdin=None, expected=("a", "b", "c"), task="t1", step="exec1", **kw):
+    msg = {"op": "exec", "task": task, "step": step, "host": host, "node": host, "port": 1995,
+           "args": {"command": ["/bin/sh", "-c", "cat"]}, "tree": {}, "expected": list(expected), "raw": True}
+    if stdin is not None:
+        msg["stdin_b64"] = base64.b64encode(stdin).decode()
+    msg.update(kw)
+    return msg
+
+
+# -- tree operations ------------------------------------------------------------------------
+
+
+async def test_tree_options_reach_the_client(tree_ops, client):
+    spec = Spec("ping", 2000, {}, {"width": 8, "deadline": 30, "connect_timeout": 2, "insecure": True})
+    outcomes, extra = await tree_ops.run(spec, ["a", "b"])
+    assert sorted(outcomes) == ["a", "b"] and extra == {}
+    assert client.calls == [{"op": "ping", "nodes": ["a", "b"], "width": 8, "deadline": 30}]
+    assert tree_ops.made == [(2000, spec.tree)]
+    await tree_ops.run(Spec("ping", 2000, {}, {}), ["a"])
+    assert client.calls[-1] == {"op": "ping", "nodes": ["a"], "deadline": None}  # the client's own width
+
+
+async def test_exec_stdins(tree_ops, client):
+    command = {"command": "cat", "env": {"A": "1"}, "timeout": 5, "output_limit": 10}
+    _outcomes, extra = await tree_ops.run(Spec("exec", 1995, command, {}), ["a", "b"], {"a": b"x", "b": b"y"})
+    assert client.calls[-1]["stdin_by_node"] == {"a": b"x", "b": b"y"} and extra == {"stdin": "per-node"}
+    assert client.calls[-1]["env"] == {"A": "1"} and client.calls[-1]["timeout"] == 5
+    _outcomes, extra = await tree_ops.run(Spec("exec", 1995, command, {}), ["a", "b"], {"a": b"x", "b": b"x"})
+    assert client.calls[-1]["stdin"] == b"x" and client.calls[-1]["stdin_by_node"] is None
+    assert extra == {"stdin": "shared"}
+    # a member without its own stdin gets args.stdin
+    await tree_ops.run(Spec("exec", 1995, dict(command, stdin="t"), {}), ["a", "b"], {"a": b"x"})
+    assert client.calls[-1]["stdin_by_node"] == {"a": b"x", "b": b"t"}
+    with pytest.raises(rclient.ClientError, match="command must be"):
+        await tree_ops.run(Spec("exec", 1995, {"command": 3}, {}), ["a"])
+    with pytest.raises(rclient.ClientError, match="unknown operation 'nope'"):
+        await tree_ops.run(Spec("nope", 1995, {}, {}), ["a"])
+
+
+async def test_copy_reports_the_source_digest(tree_ops, client, tmp_path):
+    src = tmp_path / "f"
+    src.write_bytes(b"hello\n")
+    args = {"src": str(src), "dest": "/d/f", "mode": "0644", "mkdirs": True, "chunk_size": 4096}
+    _outcomes, extra = await tree_ops.run(Spec("copy", 1995, args, {}), ["a"])
+    assert extra == {"checksum": "f572d396fae9206628714fb2ce00f72e94f2258f", "size": 6}
+    call = client.calls[-1]
+    assert call["mode"] == "0644" and call["mkdirs"] is True and call["chunk_size"] == 4096 and call["check"] is False
+    _outcomes, extra = await tree_ops.run(Spec("copy", 1995, dict(args, src=str(tmp_path / "missing")), {}), ["a"])
+    assert extra == {"checksum": None, "size": None}  # the copy itself reports the missing file
+
+
+def test_spec_key_is_the_operation_identity():
+    base = Spec("exec", 1995, {"command": "x", "env": {"A": "1", "B": "2"}}, {"width": 4})
+    assert base.key() == Spec("exec", 1995, {"env": {"B": "2", "A": "1"}, "command": "x"}, {"width": 4}).key()
+    assert base.key() != Spec("exec", 1996, base.args, base.tree).key()
+    assert base.key() != Spec("exec", 1995, base.args, {"width": 8}).key()
+
+
+def test_stdin_parts_keep_similar_stdins_together():
+    payload = bytes(range(256)) * 400  # 100 KiB
+    similar = {"n%d" % i: payload[:5000] + b"host %d" % i + payload[5000:] for i in range(50)}
+    assert stdin_parts(similar, 1 << 20) == [list(similar)]  # 100 KiB + 50 small deltas
+    different = {"n%d" % i: bytes([i]) * 100_000 for i in range(10)}
+    parts = stdin_parts(different, 250_000)
+    assert [len(p) for p in parts] == [2, 2, 2, 2, 2]
+    assert sorted(n for p in parts for n in p) == sorted(different)
+
+
+# -- the server: requests in, replies out ------------------------------------------------------
+
+
+async def test_per_host_stdin_is_one_operation(tree_ops, client):
+    c = server(tree_ops)
+    futs = [c.submit(req(h, stdin=b"payload for " + h.encode())) for h in "abc"]
+    replies = await asyncio.gather(*futs)
+    (call,) = client.calls
+    assert call["nodes"] == ["a", "b", "c"] and call["stdin"] == b""
+    assert call["stdin_by_node"] == {h: b"payload for " + h.encode() for h in "abc"}
+    for host, reply in zip("abc", replies):
+        out = reply["outcome"]
+        assert base64.b64decode(out["stdout_b64"]) == b"payload for " + host.encode()
+        assert base64.b64decode(out["stderr_b64"]) == b"\xff"
+        assert "stdout" not in out and "stderr" not in out and out["node"] == host
+        assert reply["operation"]["hosts"] == 3 and reply["operation"]["stdin"] == "per-node"
+    assert c.stats()["operations"][0]["stdin"] == "per-node"
     assert c.stats()["tasks"]["t1"]["operations"] == 1
 
 
-async def test_missing_host_costs_one_gap():
-    c = FakeTree(gap=0.2)
-    futs = [c.submit(req(h)) for h in "ab"]
-    await settle()
-    assert c.ops == []
-    await settle(0.3)
-    assert c.ops == [["a", "b"]]
-    await asyncio.gather(*futs)
+async def test_text_replies_without_raw(tree_ops):
+    c = server(tree_ops)
+    reply = await c.submit(req("a", stdin=b"hi", expected="a", raw=False))
+    assert reply["outcome"]["stdout"] == "hi" and "stdout_b64" not in reply["outcome"]
 
 
-async def test_different_args_are_separate_operations_dispatched_together():
-    c = FakeTree(gap=10)
-    futs = [c.submit(req("a", args={"command": "x"})), c.submit(req("b", args={"command": "y"})),
-            c.submit(req("c", args={"command": "x"}))]
-    await settle()
-    assert sorted(c.ops) == [["a", "c"], ["b"]]
-    await asyncio.gather(*futs)
+async def test_large_different_stdins_go_as_several_operations(tree_ops, client, monkeypatch):
+    monkeypatch.setattr(operations, "STDIN_BUDGET", 150_000)
+    c = server(tree_ops)
+    replies = await asyncio.gather(*[c.submit(req(h, stdin=h.encode() * 100_000)) for h in "abc"])
+    assert sorted(len(call["nodes"]) for call in client.calls) == [1, 1, 1]
+    for host, reply in zip("abc", replies):
+        assert base64.b64decode(reply["outcome"]["stdout_b64"]) == host.encode() * 100_000
+    (op,) = c.stats()["operations"]
+    assert op["stdin"] == "per-node" and op["parts"] == 3 and len(op["hosts"]) == 3
 
 
-async def test_exact_membership_and_done():
-    c = FakeTree(gap=0.01, exact_gap=10)
-    c.expect("t1", ["a", "b", "c"], window=0)
-    futs = [c.submit(req("a")), c.submit(req("b"))]
-    await settle(0.1)
-    assert c.ops == []  # the idle gap does not apply: c is expected
-    c.done("t1", ["c"])  # skipped by `when`
-    await settle()
-    assert c.ops == [["a", "b"]]
-    await asyncio.gather(*futs)
+async def test_the_idle_gap_dispatches(tree_ops, client):
+    c = server(tree_ops, gap=0.05)
+    replies = await asyncio.wait_for(asyncio.gather(*[c.submit(req(h)) for h in "ab"]), 30)
+    assert [r["outcome"]["node"] for r in replies] == ["a", "b"]
+    assert [call["nodes"] for call in client.calls] == [["a", "b"]]
 
 
-async def test_loop_rounds_stay_together():
-    c = FakeTree(gap=10)
-    first = [c.submit(req(h, expected="ab")) for h in "ab"]
-    await asyncio.gather(*first)
-    second = [c.submit(req("a", expected="ab", args={"command": "2"}))]
-    await settle()
-    assert len(c.ops) == 1  # a waits for b's second round
-    second.append(c.submit(req("b", expected="ab", args={"command": "2"})))
-    await asyncio.gather(*second)
-    assert c.ops == [["a", "b"], ["a", "b"]]
+async def test_expect_done_and_pass(tree_ops, client):
+    c = server(tree_ops)
+    c.expect("t1", ["a", "b", "c"], 0, "hello")
+    first = c.submit(req("a"))
+    c.passed("t1", "exec1", "b")
+    c.done("t1", ["c"])
+    await first
+    assert [call["nodes"] for call in client.calls] == [["a"]]
+    assert c.stats()["tasks"]["t1"]["name"] == "hello"
 
 
-async def test_pass_releases_the_others():
-    c = FakeTree(gap=10)
-    fut = c.submit(req("a", expected="ab"))
-    await settle()
-    assert c.ops == []
-    c.passed("t1", "exec", "b")
-    await fut
-    assert c.ops == [["a"]]
+async def test_a_failed_operation_answers_every_member(tree_ops, client):
+    client.fail = rclient.ClientError("controller keys: missing")
+    c = server(tree_ops)
+    replies = await asyncio.gather(*[c.submit(req(h, expected="ab")) for h in "ab"])
+    assert replies == [{"ok": False, "error": "controller keys: missing"}] * 2
+    assert c.stats()["operations"][0]["error"] == "controller keys: missing"
+    client.fail = RuntimeError("boom")
+    reply = await c.submit(req("a", expected="a", step="exec2"))
+    assert reply == {"ok": False, "error": "coordinator: RuntimeError: boom"}
 
 
-async def test_window_of_the_worker_pool():
-    c = FakeTree(gap=10, exact_gap=10)
-    c.expect("t1", ["a", "b", "c", "d"], window=2)
-    futs = [c.submit(req("a")), c.submit(req("b"))]
-    await asyncio.gather(*futs)
-    futs = [c.submit(req("c")), c.submit(req("d"))]
-    await asyncio.gather(*futs)
-    assert c.ops == [["a", "b"], ["c", "d"]]
-
-
-async def test_same_address_twice_runs_twice():
-    c = FakeTree(gap=10)
-    futs = [c.submit(req("a", node="10.0.0.1", expected="ab")), c.submit(req("b", node="10.0.0.1", expected="ab"))]
-    await asyncio.gather(*futs)
-    assert c.ops == [["10.0.0.1"], ["10.0.0.1"]]
-
-
-async def test_alone_and_withdraw():
-    c = FakeTree(gap=10)
-    await c.submit(req("a", alone=True))
-    assert c.ops == [["a"]]
+async def test_withdrawn_worker(tree_ops, client):
+    c = server(tree_ops)
     c.submit(req("b", step="s2"))
     c.withdraw("t1", "s2", "b")
-    assert not c.tasks["t1"].steps["s2"].pending()
+    assert not c.batcher.tasks["t1"].steps["s2"].pending()
 
 
-async def test_bad_requests():
-    c = FakeTree()
-    with pytest.raises(coord.RequestError, match="port"):
-        c.submit(dict(req("a"), port=0))
-    with pytest.raises(coord.RequestError, match="host"):
-        c.submit(dict(req("a"), host=""))
-    c.submit(req("a", expected="ab"))
-    with pytest.raises(coord.RequestError, match="already waiting"):
-        c.submit(req("a", expected="ab"))
+async def test_bad_requests(tree_ops):
+    c = server(tree_ops)
+    for bad, message in [
+        (dict(req("a"), op="nope"), "unknown tree operation 'nope'"),
+        (dict(req("a"), port=0), "bad port"),
+        (dict(req("a"), port=True), "bad port"),
+        (dict(req("a"), host=""), "host: a non-empty string"),
+        (dict(req("a"), args="x"), "args and tree must be objects"),
+        (req("a", window="5"), "bad window"),
+        (dict(req("a"), stdin_b64="***"), "bad base64"),
+        (dict(req("a", stdin=b"x"), args={"command": "cat", "stdin": "y"}), "not both"),
+        (dict(req("a", stdin=b"x"), op="copy"), "stdin_b64 is not for copy requests"),
+    ]:
+        with pytest.raises(RequestError, match=message):
+            c.submit(bad)
+    assert c.batcher.tasks == {}  # refused before anything changed
 
 
 # -- the process, with real daemons ---------------------------------------------------------
