@@ -97,9 +97,8 @@ class ActionModule(TreeAction):
 
     def _guard(self, creates, removes, chdir):
         """0: run the command, 10/11: skip it (creates exists / removes missing), dict: a failed result."""
-        tree = dict(self._tree_options(), deadline=self._tree_args.get("deadline") or 120.0)
         outcome = self._request("guard", "exec", {"command": guard_command(creates, removes, chdir), "cwd": "/"},
-                                tree)["outcome"]
+                                deadline=self._tree_args.get("deadline") or 120.0)["outcome"]
         if outcome.get("status") == "UNREACHABLE":
             return unreachable_result(outcome)
         if outcome.get("rc") in (0, 10, 11):

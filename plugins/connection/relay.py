@@ -22,6 +22,9 @@ description:
     command with the module on its standard input.
 author:
   - relaytree developers (!UNKNOWN)
+extends_documentation_fragment:
+  - hpc.relaytree.tree.options
+  - hpc.relaytree.tree.connection
 options:
   host:
     description:
@@ -33,69 +36,6 @@ options:
       - name: ansible_host
       - name: relaytree_host
       - name: delegated_vars['ansible_host']
-  port:
-    description:
-      - TCP port of the relay daemons.
-    type: int
-    default: 1995
-    vars:
-      - name: relaytree_port
-    env:
-      - name: ANSIBLE_RELAYTREE_PORT
-    ini:
-      - section: relaytree_connection
-        key: port
-  pki:
-    description:
-      - Directory of the controller's relaytree keys (TLS client certificate, CA, signing key), as made by
-        C(relaytree keys init).
-    type: path
-    default: ~/.relaytree/pki
-    vars:
-      - name: relaytree_pki
-    env:
-      - name: RELAYTREE_PKI
-    ini:
-      - section: relaytree_connection
-        key: pki
-  insecure:
-    description:
-      - Send plaintext, unsigned requests, which only daemons started with C(--insecure) accept.
-        For local experiments only.
-    type: bool
-    default: false
-    vars:
-      - name: relaytree_insecure
-    env:
-      - name: ANSIBLE_RELAYTREE_INSECURE
-    ini:
-      - section: relaytree_connection
-        key: insecure
-  connect_timeout:
-    description:
-      - Seconds to wait for a relay to accept a connection before it counts as unreachable (its subtree
-        is then served through the next member of its group).
-    type: float
-    default: 5.0
-    vars:
-      - name: relaytree_connect_timeout
-    env:
-      - name: ANSIBLE_RELAYTREE_CONNECT_TIMEOUT
-    ini:
-      - section: relaytree_connection
-        key: connect_timeout
-  width:
-    description:
-      - Tree width of the operations of this connection (children per relay).
-      - Defaults to the relaytree client's default (wide for commands, narrow for file copies).
-    type: int
-    vars:
-      - name: relaytree_width
-    env:
-      - name: ANSIBLE_RELAYTREE_WIDTH
-    ini:
-      - section: relaytree_connection
-        key: width
   command_timeout:
     description:
       - Seconds a command (a module run) may take on a node before the daemon kills it; the task then
@@ -224,13 +164,19 @@ import hashlib
 import os
 import uuid
 
-from ansible import context
 from ansible.errors import AnsibleConnectionFailure, AnsibleError, AnsibleFileNotFound
 from ansible.module_utils.common.text.converters import to_bytes, to_text
 from ansible.plugins.connection import ConnectionBase
 from ansible.utils.display import Display
 
-from ansible_collections.hpc.relaytree.plugins.plugin_utils._relaytree import Coordinator, CoordinatorError, tree_options
+from ansible_collections.hpc.relaytree.plugins.plugin_utils._relaytree import Coordinator, CoordinatorError
+from ansible_collections.hpc.relaytree.plugins.plugin_utils._tree_options import (
+    TREE_OPTIONS,
+    TreeOptionError,
+    check_tree_options,
+    tree_request,
+    worker_window,
+)
 
 display = Display()
 
@@ -438,37 +384,25 @@ class Connection(ConnectionBase):
         return (not (self._task_uuid or self._task_keys.get("uuid")) or bool(self._task_keys.get("run_once"))
                 or bool(self._task_keys.get("delegate_to")))
 
-    def _window(self) -> int:
-        """How many hosts can be in the task at once: the worker pool (forks), or the task's throttle."""
+    def _tree_options(self) -> dict:
+        """The tree options (TREE_OPTIONS), as Ansible resolved them for this host; range-checked."""
+        options = {option.name: self.get_option(option.name) for option in TREE_OPTIONS}
         try:
-            window = int(context.CLIARGS.get("forks") or 0)
-        except (TypeError, ValueError):
-            window = 0
-        try:
-            throttle = int(self._task_keys.get("throttle") or 0)
-        except (TypeError, ValueError):
-            throttle = 0
-        if throttle > 0:
-            window = min(window, throttle) if window else throttle
-        return max(window, 0)
+            check_tree_options(options)
+        except TreeOptionError as exc:
+            raise AnsibleConnectionFailure("relaytree: %s" % exc) from None
+        return options
 
     def _request(self, kind: str, op: str, args: dict, stdin: bytes | None = None, raw: bool = False,
                  timeout: float | None = None) -> tuple:
         """This host's part of one tree operation: (outcome dict, operation dict)."""
         self._steps[kind] += 1
-        message = {
-            "op": op, "task": self._task_id, "step": "%s%d" % (kind, self._steps[kind]),
-            "name": str(self._task_keys.get("name") or self._task_keys.get("action") or ""),
-            "host": self._host, "node": self._node, "port": int(self.get_option("port")),
-            "expected": self._play_batch, "alone": self._alone, "window": self._window(),
-            "args": args,
-            "tree": tree_options(pki=self.get_option("pki"), insecure=self.get_option("insecure"),
-                                 connect_timeout=self.get_option("connect_timeout"), width=self.get_option("width")),
-        }
-        if stdin is not None:
-            message["stdin_b64"] = base64.b64encode(stdin).decode("ascii")
-        if raw:
-            message["raw"] = True
+        message = tree_request(
+            op=op, task=self._task_id, step="%s%d" % (kind, self._steps[kind]),
+            name=str(self._task_keys.get("name") or self._task_keys.get("action") or ""),
+            host=self._host, node=self._node, options=self._tree_options(), args=args,
+            expected=self._play_batch, alone=self._alone, window=worker_window(self._task_keys.get("throttle")),
+            stdin=stdin, raw=raw)
         try:
             reply = self._coordinator.call(message, timeout=timeout)
         except CoordinatorError as exc:

@@ -70,6 +70,7 @@ extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - ansible.builtin.action_common_attributes.flow
   - hpc.relaytree.tree
+  - hpc.relaytree.tree.options
 attributes:
   check_mode:
     support: full

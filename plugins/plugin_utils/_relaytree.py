@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 from ansible.errors import AnsibleError
-from ansible.module_utils.parsing.convert_bool import boolean
 
 # (module to find, package to install) for what the coordinator imports.
 RUNTIME_DEPENDENCIES = (("grpc", "grpcio"), ("google.protobuf", "protobuf"), ("ClusterShell", "ClusterShell"))
@@ -38,16 +37,6 @@ ENV_STATS = "RELAYTREE_COORDINATOR_STATS"  # file rewritten with the stats after
 
 START_TIMEOUT = 30.0
 CONNECT_TIMEOUT = 10.0
-
-
-def tree_options(pki=None, insecure=False, connect_timeout=None, width=None, deadline=None) -> dict:
-    """The "tree" part of a coordinator request: how its client reaches the relays.
-
-    ``pki`` is expanded (~); ``insecure`` is taken as a boolean (strings from variables included).
-    """
-    return {"width": width, "connect_timeout": connect_timeout, "deadline": deadline,
-            "insecure": boolean(insecure or False, strict=False),
-            "pki": os.path.expanduser(str(pki)) if pki else None}
 
 
 class CoordinatorError(AnsibleError):

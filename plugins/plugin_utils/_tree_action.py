@@ -17,24 +17,24 @@ import os
 from ansible.errors import AnsibleActionFail
 from ansible.plugins.action import ActionBase
 
-from ansible_collections.hpc.relaytree.plugins.plugin_utils._relaytree import Coordinator, CoordinatorError, tree_options
-
-DEFAULT_PORT = 1995  # relaytree.DEFAULT_PORT (not imported: keep workers light)
-
-# Options of every tree_* action (doc fragment hpc.relaytree.tree).
-TREE_ARGUMENT_SPEC = dict(
-    port=dict(type="int"),
-    width=dict(type="int"),
-    connect_timeout=dict(type="float", default=5.0),
-    deadline=dict(type="float"),
-    pki=dict(type="str"),
-    insecure=dict(type="bool"),
+from ansible_collections.hpc.relaytree.plugins.plugin_utils._relaytree import Coordinator, CoordinatorError
+from ansible_collections.hpc.relaytree.plugins.plugin_utils._tree_options import (
+    OPTION_VARS,
+    TREE_OPTIONS,
+    TreeOptionError,
+    check_tree_options,
+    resolve_tree_options,
+    tree_request,
+    worker_window,
 )
+
+# Options of every tree_* action (doc fragments hpc.relaytree.tree and hpc.relaytree.tree.options):
+# the tree options (no default here: an unset argument falls back to the host variable, the
+# environment, ansible.cfg, then the default, see _tree_options) and the operation's deadline.
+TREE_ARGUMENT_SPEC = dict({option.name: dict(type=option.type) for option in TREE_OPTIONS}, deadline=dict(type="float"))
 
 # Variables naming the relay of a host, first found wins (then inventory_hostname).
 NODE_VARS = ("relaytree_host", "ansible_host")
-# Variables giving a default to an option of the same name.
-OPTION_VARS = {"port": "relaytree_port", "pki": "relaytree_pki", "insecure": "relaytree_insecure"}
 
 
 def _lines(text: str) -> list:
@@ -107,17 +107,6 @@ def ping_result(outcome: dict) -> dict:
     return result
 
 
-def check_tree_options(args: dict) -> None:
-    """Range checks the argument spec cannot express."""
-    if args.get("port") is not None and not 0 < args["port"] < 65536:
-        raise AnsibleActionFail("port must be between 1 and 65535, got %s" % args["port"])
-    if args.get("width") is not None and args["width"] < 1:
-        raise AnsibleActionFail("width must be at least 1, got %s" % args["width"])
-    for name in ("connect_timeout", "deadline"):
-        if args.get(name) is not None and args[name] <= 0:
-            raise AnsibleActionFail("%s must be positive, got %s" % (name, args[name]))
-
-
 class TreeAction(ActionBase):
     """Base of the tree_* actions: no connection, no module, one coordinator request per step."""
 
@@ -136,12 +125,18 @@ class TreeAction(ActionBase):
         del tmp
         _validation, args = self.validate_argument_spec(
             argument_spec=dict(self.ARGUMENT_SPEC, **TREE_ARGUMENT_SPEC), **self.VALIDATION)
-        check_tree_options(args)
         if self._task.delegate_to:
             raise AnsibleActionFail("delegate_to is not supported by %s: every host is reached through its own relay "
                                     "(set relaytree_host to choose the address)" % self._task.action)
         self._tree_vars = task_vars
         self._tree_args = args
+        try:
+            self._options, origins = resolve_tree_options(
+                args, {name: self._var(name) for name in OPTION_VARS if name in task_vars})
+            check_tree_options(dict(self._options, deadline=args.get("deadline")),
+                               dict(origins, deadline="task argument deadline"))
+        except TreeOptionError as exc:
+            raise AnsibleActionFail(str(exc)) from None
         result.update(self.run_tree(args, task_vars))
         return result
 
@@ -162,32 +157,17 @@ class TreeAction(ActionBase):
                 return str(value)
         return str(self._var("inventory_hostname"))
 
-    def _option(self, name: str):
-        """A tree option: the task's argument, else its relaytree_* variable."""
-        value = self._tree_args.get(name)
-        return self._var(OPTION_VARS[name]) if value is None else value
+    def _request(self, step: str, op: str, op_args: dict, deadline: float | None = None) -> dict:
+        """This host's part of one tree operation; returns the coordinator's reply.
 
-    def _tree_options(self) -> dict:
-        args = self._tree_args
-        return tree_options(pki=self._option("pki"), insecure=self._option("insecure"),
-                            connect_timeout=args.get("connect_timeout"), width=args.get("width"),
-                            deadline=args.get("deadline"))
-
-    def _request(self, step: str, op: str, op_args: dict, tree: dict | None = None) -> dict:
-        """This host's part of one tree operation; returns the coordinator's reply."""
-        port = self._option("port") or DEFAULT_PORT
-        try:
-            port = int(port)
-        except (TypeError, ValueError):
-            raise AnsibleActionFail("%s must be a port number, got %r" % (OPTION_VARS["port"], port)) from None
-        tree = tree if tree is not None else self._tree_options()
-        message = {
-            "op": op, "task": self._task._uuid, "name": self._task.get_name(), "step": step,
-            "host": str(self._var("inventory_hostname")), "node": self._node(), "port": port,
-            "expected": [str(h) for h in self._var("ansible_play_batch") or ()],
-            "alone": bool(self._task.run_once), "args": op_args, "tree": tree,
-        }
-        deadline = tree.get("deadline")
+        ``deadline``: of this operation, when not the task's ``deadline`` argument.
+        """
+        deadline = deadline or self._tree_args.get("deadline")
+        message = tree_request(
+            op=op, task=self._task._uuid, name=self._task.get_name(), step=step,
+            host=str(self._var("inventory_hostname")), node=self._node(), options=self._options, args=op_args,
+            expected=self._var("ansible_play_batch") or (), alone=bool(self._task.run_once),
+            window=worker_window(self._task.throttle), deadline=deadline)
         try:
             return self.coordinator.call(message, timeout=deadline + 120.0 if deadline else None)
         except CoordinatorError as exc:

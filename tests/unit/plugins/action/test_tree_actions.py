@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
 from unittest.mock import MagicMock
 
 import pytest
@@ -46,6 +47,7 @@ def make_action(module, args, *, check_mode=False, diff=False, become=False, bec
     task.diff = diff
     task.delegate_to = None
     task.run_once = False
+    task.throttle = 0
     task._uuid = "task-uuid"
     task.action = "hpc.relaytree." + module.__name__.rsplit(".", 1)[1]
     task.get_name.return_value = "a task"
@@ -82,7 +84,9 @@ def test_exec_request_and_result():
     assert msg["expected"] == ["cn6", "cn7"] and msg["alone"] is False
     assert msg["args"] == {"command": "uname -r", "env": {"A": "1"}, "cwd": "/opt", "user": "", "stdin": "",
                            "timeout": 5.0, "output_limit": 0}
-    assert msg["tree"] == {"width": None, "connect_timeout": 5.0, "deadline": None, "insecure": False, "pki": None}
+    assert msg["tree"] == {"width": None, "connect_timeout": 5.0, "deadline": None, "insecure": False,
+                           "pki": os.path.expanduser("~/.relaytree/pki")}
+    assert msg["window"] == 0  # forks unknown here (no CLI): the gap decides
     assert result["rc"] == 0 and result["stdout"] == "5.14" and result["stdout_lines"] == ["5.14"]
     assert result["changed"] is True and not result.get("failed")
     assert result["delta"] == "0:00:00.500000"
@@ -97,6 +101,77 @@ def test_security_options_and_variables():
     action.run(task_vars=dict(TASK_VARS, relaytree_insecure=True, relaytree_pki="/other"))
     assert rec.messages[0]["tree"]["insecure"] is False and rec.messages[0]["tree"]["pki"] == "/etc/k"
     assert rec.messages[0]["port"] == 3000
+
+
+def test_width_and_connect_timeout_from_host_variables():
+    """relaytree_width and relaytree_connect_timeout count for tree tasks as for the relay connection."""
+    action, rec = make_action(tree_exec, {"cmd": "true"})
+    action.run(task_vars=dict(TASK_VARS, relaytree_width=3, relaytree_connect_timeout="1.5"))
+    assert rec.messages[0]["tree"]["width"] == 3 and rec.messages[0]["tree"]["connect_timeout"] == 1.5
+    action, rec = make_action(tree_ping, {"width": 8, "connect_timeout": 4})
+    action.run(task_vars=dict(TASK_VARS, relaytree_width=3, relaytree_connect_timeout=1.5))
+    assert rec.messages[0]["tree"]["width"] == 8 and rec.messages[0]["tree"]["connect_timeout"] == 4.0
+
+
+def test_option_precedence(monkeypatch):
+    """task argument > host variable > environment > default, for every tree option."""
+    monkeypatch.setenv("ANSIBLE_RELAYTREE_PORT", "3001")
+    monkeypatch.setenv("ANSIBLE_RELAYTREE_WIDTH", "5")
+    monkeypatch.setenv("ANSIBLE_RELAYTREE_CONNECT_TIMEOUT", "7")
+    monkeypatch.setenv("ANSIBLE_RELAYTREE_INSECURE", "true")
+    monkeypatch.setenv("RELAYTREE_PKI", "/env/pki")
+    variables = {k: v for k, v in TASK_VARS.items() if k != "relaytree_port"}
+    action, rec = make_action(tree_exec, {"cmd": "true"})
+    action.run(task_vars=dict(variables))
+    assert rec.messages[-1]["port"] == 3001
+    assert rec.messages[-1]["tree"] == {"width": 5, "connect_timeout": 7.0, "deadline": None, "insecure": True,
+                                        "pki": "/env/pki"}
+    monkeypatch.setenv("ANSIBLE_RELAYTREE_PKI", "/ansible-env/pki")  # the Ansible name wins over RELAYTREE_PKI
+    action.run(task_vars=dict(variables, relaytree_port=3002, relaytree_width=6, relaytree_insecure=False))
+    assert rec.messages[-1]["port"] == 3002 and rec.messages[-1]["tree"]["width"] == 6
+    assert rec.messages[-1]["tree"]["insecure"] is False and rec.messages[-1]["tree"]["pki"] == "/ansible-env/pki"
+    action, rec = make_action(tree_exec, {"cmd": "true", "port": 3003, "width": 7, "insecure": True, "pki": "/arg"})
+    action.run(task_vars=dict(variables, relaytree_port=3002, relaytree_width=6, relaytree_insecure=False))
+    assert rec.messages[-1]["port"] == 3003 and rec.messages[-1]["tree"]["width"] == 7
+    assert rec.messages[-1]["tree"]["insecure"] is True and rec.messages[-1]["tree"]["pki"] == "/arg"
+
+
+def test_templated_option_variables():
+    action, rec = make_action(tree_exec, {"cmd": "true"})
+    action._templar.template.side_effect = lambda value: "12" if value == "{{ w }}" else value
+    action.run(task_vars=dict(TASK_VARS, relaytree_width="{{ w }}"))
+    assert rec.messages[0]["tree"]["width"] == 12
+
+
+@pytest.mark.parametrize("variables, env, message", [
+    ({"relaytree_width": 0}, {}, "width must be at least 1, got 0 (host variable relaytree_width)"),
+    ({"relaytree_port": 0}, {}, "port must be between 1 and 65535, got 0 (host variable relaytree_port)"),
+    ({}, {"ANSIBLE_RELAYTREE_CONNECT_TIMEOUT": "-1"},
+     "connect_timeout must be positive, got -1.0 (environment variable ANSIBLE_RELAYTREE_CONNECT_TIMEOUT)"),
+    ({"relaytree_width": "wide"}, {}, "relaytree option width (task argument width, relaytree_width"),
+])
+def test_bad_option_values_name_their_origin(variables, env, message, monkeypatch):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    action, rec = make_action(tree_exec, {"cmd": "true"})
+    with pytest.raises(AnsibleActionFail) as err:
+        action.run(task_vars=dict(TASK_VARS, **variables))
+    assert message in str(err.value)
+    assert rec.messages == []
+
+
+def test_window_from_forks_and_throttle(monkeypatch):
+    from ansible import context
+    from ansible.utils.context_objects import CLIArgs
+
+    monkeypatch.setattr(context, "CLIARGS", CLIArgs({"forks": 20}))
+    action, rec = make_action(tree_exec, {"cmd": "true"})
+    run(action)
+    assert rec.messages[0]["window"] == 20
+    action, rec = make_action(tree_exec, {"cmd": "true"})
+    action._task.throttle = 4
+    run(action)
+    assert rec.messages[0]["window"] == 4
 
 
 def test_exec_relaytree_host_wins():
@@ -291,18 +366,27 @@ def test_ping_unreachable():
     assert run(action) == {"unreachable": True, "changed": False, "msg": "relaytree: 10.0.0.7 unreachable: timed out"}
 
 
+def _fragment_options(*names):
+    options = {}
+    for name in names:
+        options.update(yaml.safe_load(getattr(ModuleDocFragment, name))["options"])
+    return options
+
+
 def test_tree_options_doc_and_spec_agree():
-    documented = yaml.safe_load(ModuleDocFragment.DOCUMENTATION)["options"]
+    documented = _fragment_options("DOCUMENTATION", "OPTIONS")
     assert set(_tree_action.TREE_ARGUMENT_SPEC) == set(documented)
     for name, spec in _tree_action.TREE_ARGUMENT_SPEC.items():
-        assert spec["type"] == documented[name]["type"] and spec.get("default") == documented[name].get("default")
+        assert spec["type"] == documented[name]["type"], name
+        assert spec.get("default") is None and "default" not in documented[name], name  # falls back, see OPTIONS
 
 
 @pytest.mark.parametrize("name, action", [("tree_exec", tree_exec), ("tree_copy", tree_copy), ("tree_ping", tree_ping)])
 def test_argument_spec_matches_documentation(name, action):
-    """The action validates exactly the options its doc stub (plus the tree fragment) documents."""
+    """The action validates exactly the options its doc stub (plus the tree fragments) documents."""
     doc = yaml.safe_load(importlib.import_module("ansible_collections.hpc.relaytree.plugins.modules." + name).DOCUMENTATION)
-    documented = dict(yaml.safe_load(ModuleDocFragment.DOCUMENTATION)["options"], **(doc.get("options") or {}))
+    assert {"hpc.relaytree.tree", "hpc.relaytree.tree.options"} <= set(doc["extends_documentation_fragment"])
+    documented = dict(_fragment_options("DOCUMENTATION", "OPTIONS"), **(doc.get("options") or {}))
     spec = dict(action.ActionModule.ARGUMENT_SPEC, **_tree_action.TREE_ARGUMENT_SPEC)
     assert set(spec) == set(documented)
     for option, entry in spec.items():

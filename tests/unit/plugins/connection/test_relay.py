@@ -17,9 +17,24 @@ from ansible.errors import AnsibleConnectionFailure, AnsibleError, AnsibleFileNo
 from ansible.playbook.play_context import PlayContext
 
 from ansible_collections.hpc.relaytree.plugins.connection import relay
+from ansible_collections.hpc.relaytree.plugins.doc_fragments.tree import ModuleDocFragment
 
 NAME = "hpc.relaytree.relay"
-C.config.initialize_plugin_configuration_definitions("connection", NAME, yaml.safe_load(relay.DOCUMENTATION)["options"])
+FRAGMENTS = ["hpc.relaytree.tree.options", "hpc.relaytree.tree.connection"]
+
+
+def documented_options() -> dict:
+    """The connection's options as Ansible sees them: its own, merged with its doc fragments'."""
+    doc = yaml.safe_load(relay.DOCUMENTATION)
+    assert doc["extends_documentation_fragment"] == FRAGMENTS
+    options = doc["options"]
+    for fragment in FRAGMENTS:
+        for name, fields in yaml.safe_load(getattr(ModuleDocFragment, fragment.rsplit(".", 1)[1].upper()))["options"].items():
+            options.setdefault(name, {}).update(fields)
+    return options
+
+
+C.config.initialize_plugin_configuration_definitions("connection", NAME, documented_options())
 
 HOST_VARS = {"inventory_hostname": "cn7", "ansible_host": "10.0.0.7", "relaytree_port": 2000,
              "relaytree_pki": "/etc/relaytree/pki"}
@@ -80,7 +95,7 @@ def sh(argv, stdin=b"", cwd=None):
 def test_documentation_and_defaults():
     doc = yaml.safe_load(relay.DOCUMENTATION)
     assert doc["name"] == "relay"
-    options = doc["options"]
+    options = documented_options()
     assert options["pipelining"]["default"] is True
     assert {"name": "ANSIBLE_PIPELINING"} in options["pipelining"]["env"]
     assert [v["name"] for v in options["host"]["vars"]][:3] == ["inventory_hostname", "ansible_host", "relaytree_host"]
@@ -97,6 +112,24 @@ def test_options_from_variables():
     assert conn.get_option("port") == 2000 and conn.get_option("insecure") is True
     assert conn.is_pipelining_enabled()
     assert relay.Connection.has_pipelining and relay.Connection.default_user == "root"
+
+
+def test_tree_options_reach_the_request(monkeypatch):
+    """The tree options, host variables first, then the environment, then the defaults."""
+    monkeypatch.setenv("ANSIBLE_RELAYTREE_WIDTH", "4")
+    monkeypatch.setenv("ANSIBLE_RELAYTREE_CONNECT_TIMEOUT", "9")
+    conn, rec = make_connection(host_vars={"relaytree_connect_timeout": 2, "relaytree_pki": "~/keys"})
+    conn.exec_command("true")
+    assert rec.messages[0]["tree"] == {"width": 4, "connect_timeout": 2.0, "deadline": None, "insecure": False,
+                                       "pki": os.path.expanduser("~/keys")}
+    assert rec.messages[0]["port"] == 2000
+
+
+def test_bad_tree_option_names_its_sources():
+    conn, rec = make_connection(host_vars={"relaytree_width": 0})
+    with pytest.raises(AnsibleConnectionFailure, match="width must be at least 1, got 0 .*relaytree_width"):
+        conn.exec_command("true")
+    assert rec.messages == []
 
 
 # -- exec_command -------------------------------------------------------------------------
@@ -339,23 +372,3 @@ def test_close_reports_done_only_after_requests():
     assert rec.told == [{"op": "done", "task": "task-1", "hosts": ["cn7"]}]
     assert not conn.connected
     conn.reset()  # nothing to reset, no warning
-
-
-# -- plugin_utils additions -----------------------------------------------------------------
-
-
-def test_tell_never_starts_a_coordinator(tmp_path):
-    from ansible_collections.hpc.relaytree.plugins.plugin_utils._relaytree import Coordinator
-
-    coordinator = Coordinator(run_pid=os.getpid(), directory=str(tmp_path / "coord"))
-    assert coordinator.tell({"op": "done", "task": "t", "hosts": ["cn7"]}) is None
-    assert not (tmp_path / "coord").exists()
-
-
-def test_tree_options():
-    from ansible_collections.hpc.relaytree.plugins.plugin_utils._relaytree import tree_options
-
-    assert tree_options(pki="~/keys", insecure="yes", connect_timeout=2.0) == {
-        "width": None, "connect_timeout": 2.0, "deadline": None, "insecure": True,
-        "pki": os.path.expanduser("~/keys")}
-    assert tree_options()["insecure"] is False and tree_options()["pki"] is None

@@ -1,4 +1,4 @@
-"""NodeOutcome dicts (from the coordinator) -> Ansible results."""
+"""plugin_utils/_tree_action.py: NodeOutcome dicts (from the coordinator) -> Ansible results."""
 
 from __future__ import annotations
 
