@@ -12,29 +12,12 @@ import subprocess
 
 import pytest
 import yaml
-from ansible import constants as C
 from ansible.errors import AnsibleConnectionFailure, AnsibleError, AnsibleFileNotFound
 from ansible.playbook.play_context import PlayContext
 
 from ansible_collections.hpc.relaytree.plugins.connection import relay
-from ansible_collections.hpc.relaytree.plugins.doc_fragments.tree import ModuleDocFragment
 
-NAME = "hpc.relaytree.relay"
-FRAGMENTS = ["hpc.relaytree.tree.options", "hpc.relaytree.tree.connection"]
-
-
-def documented_options() -> dict:
-    """The connection's options as Ansible sees them: its own, merged with its doc fragments'."""
-    doc = yaml.safe_load(relay.DOCUMENTATION)
-    assert doc["extends_documentation_fragment"] == FRAGMENTS
-    options = doc["options"]
-    for fragment in FRAGMENTS:
-        for name, fields in yaml.safe_load(getattr(ModuleDocFragment, fragment.rsplit(".", 1)[1].upper()))["options"].items():
-            options.setdefault(name, {}).update(fields)
-    return options
-
-
-C.config.initialize_plugin_configuration_definitions("connection", NAME, documented_options())
+NAME = "hpc.relaytree.relay"  # the relay_options fixture (conftest.py) registered its options
 
 HOST_VARS = {"inventory_hostname": "cn7", "ansible_host": "10.0.0.7", "relaytree_port": 2000,
              "relaytree_pki": "/etc/relaytree/pki"}
@@ -92,10 +75,10 @@ def sh(argv, stdin=b"", cwd=None):
 # -- documentation and options ------------------------------------------------------------
 
 
-def test_documentation_and_defaults():
+def test_documentation_and_defaults(relay_options):
     doc = yaml.safe_load(relay.DOCUMENTATION)
     assert doc["name"] == "relay"
-    options = documented_options()
+    options = relay_options
     assert options["pipelining"]["default"] is True
     assert {"name": "ANSIBLE_PIPELINING"} in options["pipelining"]["env"]
     assert [v["name"] for v in options["host"]["vars"]][:3] == ["inventory_hostname", "ansible_host", "relaytree_host"]
