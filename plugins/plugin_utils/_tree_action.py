@@ -1,6 +1,6 @@
 # Copyright: relaytree developers
 # GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""What the tree_* action plugins share: tree options, the coordinator request, result mapping.
+"""What the tree_* action plugins share: arguments, tree options (see _tree_options), result mapping.
 
 Each host's task runs in Ansible's own worker as usual (``when``, loops,
 ``register``, handlers, check/diff mode, no_log stay Ansible's); its action

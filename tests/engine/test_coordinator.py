@@ -1,6 +1,6 @@
 """The coordinator: tree operations (fake client), the server glue, and the process (real daemons).
 
-The batching rules themselves are tested without any of this in test_batching.py.
+The batching rules themselves are tested without any of this in test_coordinator_batching.py.
 """
 
 from __future__ import annotations

@@ -356,3 +356,80 @@ def test_insecure_daemons_and_missing_keys(insecure_fleet, ansible, tmp_path):
     run = ansible.run(book, ansible.inventory(insecure_fleet.names, insecure_fleet.port), "-f", "4")
     assert run.proc.returncode == 0, run.output
     assert run.operations("plaintext") == 1 and run.operations("no keys") == 1
+
+
+def test_option_sources(fleet, ansible, tmp_path):
+    """module_defaults (group/hpc.relaytree.tree) > host variable; [relaytree] in ansible.cfg for tasks and connection.
+
+    The inventory's relaytree_port is wrong and there is no relaytree_pki: the group's module defaults give
+    the port, ansible.cfg the keys; without the defaults the host variable counts (unreachable).
+    """
+    names = fleet.names[:4]
+    book = r"""
+- name: tree tasks with module defaults
+  hosts: all
+  gather_facts: false
+  module_defaults:
+    group/hpc.relaytree.tree:
+      port: "{{ real_port }}"
+      connect_timeout: 3
+  tasks:
+    - name: exec
+      hpc.relaytree.tree_exec:
+        cmd: echo ok
+      register: out
+      changed_when: false
+    - name: copy
+      hpc.relaytree.tree_copy:
+        content: "defaults\n"
+        dest: /defaults.txt
+    - name: ping
+      hpc.relaytree.tree_ping:
+    - name: check
+      ansible.builtin.assert:
+        that: out.stdout == 'ok'
+        quiet: true
+
+- name: without them the host variable counts
+  hosts: all
+  gather_facts: false
+  tasks:
+    - name: wrong port
+      hpc.relaytree.tree_ping:
+        connect_timeout: 2
+      ignore_unreachable: true
+      register: wrong
+    - name: check
+      ansible.builtin.assert:
+        that: wrong is unreachable
+        quiet: true
+
+- name: the relay connection reads the same ansible.cfg section
+  hosts: all
+  gather_facts: false
+  vars:
+    ansible_connection: hpc.relaytree.relay
+    relaytree_port: "{{ real_port }}"
+  tasks:
+    - name: any module
+      ansible.builtin.command: echo through the connection
+      register: conn
+      changed_when: false
+    - name: check
+      ansible.builtin.assert:
+        that: conn.stdout == 'through the connection'
+        quiet: true
+      vars:
+        ansible_connection: local
+"""
+    config = tmp_path / "ansible.cfg"
+    config.write_text("[relaytree]\npki = %s\n" % fleet.pki)
+    inventory = ansible.inventory(names, fleet.port + 1, real_port=fleet.port)
+    run = ansible.run(book, inventory, "-f", "4", env={"ANSIBLE_CONFIG": str(config)})
+    assert run.proc.returncode == 0, run.output
+    recap = run.recap()
+    for host in names:
+        assert recap[host]["failed"] == 0 and recap[host]["unreachable"] == 0, (host, run.output)
+        assert (fleet.base(host) / "defaults.txt").read_text() == "defaults\n"
+    for name in ("exec", "copy", "ping"):
+        assert run.operations(name) == 1, (name, run.stats)
