@@ -61,14 +61,14 @@ def coordinator(tmp_path):
     loop.close()
 
 
-def connect(directory, host, task_keys=None, batch=HOSTS):
+def connect(directory, host, task_keys=None, batch=None):
     conn = relay.Connection(PlayContext(), task_uuid="task-1", ansible_playbook_pid=str(RUN_PID))
     conn._load_name = "hpc.relaytree.relay"
     keys = {"uuid": "task-1", "name": "a task", "action": "ansible.builtin.command", "run_once": False,
             "delegate_to": None, "throttle": 0}
     conn.set_options(task_keys=dict(keys, **(task_keys or {})),
                      var_options={"inventory_hostname": host, "relaytree_port": 2000, "relaytree_insecure": True})
-    conn.update_vars({"inventory_hostname": host, "ansible_play_batch": list(batch)})
+    conn.update_vars({"inventory_hostname": host, "ansible_play_batch": list(batch or HOSTS)})
     conn._connect()
     conn._coordinator = Coordinator(run_pid=RUN_PID, directory=directory)
     return conn

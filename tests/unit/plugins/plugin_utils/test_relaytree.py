@@ -76,7 +76,7 @@ def test_run_dir_is_private(tmp_path):
     loose.mkdir(mode=0o755)
     os.chmod(loose, 0o755)
     with pytest.raises(CoordinatorError, match="mode 0700"):
-        _ = Coordinator(run_pid=1, directory=str(loose)).run_dir
+        os.listdir(Coordinator(run_pid=1, directory=str(loose)).run_dir)
     run_dir = Coordinator(run_pid=1, directory=str(tmp_path / "new")).run_dir
     assert run_dir == str(tmp_path / "new" / "1.d") and os.stat(run_dir).st_mode & 0o777 == 0o700
 

@@ -71,7 +71,7 @@ def test_resolution_order(monkeypatch):
     values, origins = opts.resolve_tree_options({"width": 8, "port": None}, {"relaytree_width": 6})
     assert values["width"] == 8 and origins["width"] == "task argument width"
     assert values["port"] == 1995  # an argument left unset falls through
-    assert type(values["width"]) is int and type(values["connect_timeout"]) is float
+    assert (type(values["width"]), type(values["connect_timeout"])) == (int, float)  # plain, not tagged
 
 
 def test_origin_descriptions():
