@@ -185,12 +185,13 @@ class Relay:
             connect_timeout=(route.connect_timeout_ms or 5000) / 1000.0,
             batch_ms=route.batch_ms, deadline=loop.time() + remaining, route=route)
 
-    def _fanout(self, op: Admitted, kind: str, emit, feed=None, on_chunk=None) -> tree.Fanout:
+    def _fanout(self, op: Admitted, kind: str, stream: tree.ResultStream, feed=None) -> tree.Fanout:
+        """The fan-out below this node, sending what its subtree reports up through `stream`."""
         return tree.Fanout(self.pool, kind=kind, envelope=op.envelope_bytes, auth=op.auth,
                            targets=op.children, width=op.width, connect_timeout=op.connect_timeout,
-                           batch_ms=op.batch_ms, deadline=op.deadline, emit=emit, via=op.me,
+                           batch_ms=op.batch_ms, deadline=op.deadline, emit=stream.put, via=op.me,
                            feed=feed, blobs=op.route.blobs, patches=op.route.stdin,
-                           on_chunk=on_chunk)
+                           on_chunk=lambda node, frame: stream.put_chunk(frame), wait_room=stream.room)
 
     async def _serve_unary(self, op: Admitted, kind: str, local):
         """Run `local()` (-> NodeOutcome) here and the fan-out below; yield batches as they come."""
@@ -205,7 +206,7 @@ class Relay:
             outcome.node = op.me
             stream.put(outcome.to_pb())
 
-        async for batch in stream.serve(run_local(), self._fanout(op, kind, stream.put).run()):
+        async for batch in stream.serve(run_local(), self._fanout(op, kind, stream).run()):
             yield batch
 
     # -- exec ----------------------------------------------------------------------------
@@ -412,7 +413,7 @@ class Relay:
                 local = None
 
         try:
-            async for batch in stream.serve(receive(), self._fanout(op, "copy", stream.put, feed).run()):
+            async for batch in stream.serve(receive(), self._fanout(op, "copy", stream, feed).run()):
                 yield batch
         finally:
             if local is not None:
@@ -441,9 +442,7 @@ class Relay:
         self._expire()
         stream = tree.ResultStream(1 + len(op.children), op.batch_ms / 1000.0,
                                    chunk_window=self.settings.chunk_window)
-        fan = self._fanout(op, "fetch", stream.put,
-                           on_chunk=lambda node, frame: stream.put_chunk(frame))
-        async for item in stream.serve(self._fetch_local(op, stream), fan.run()):
+        async for item in stream.serve(self._fetch_local(op, stream), self._fanout(op, "fetch", stream).run()):
             yield item if isinstance(item, bytes) else wire.results_frame(item)
         # Everything went up (an interrupted delivery never gets here): see _may_redeliver.
         self._fetched[op.envelope.request_id] = _keep_until(op.envelope)
