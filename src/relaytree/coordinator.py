@@ -34,6 +34,12 @@ Every reply has ``"ok"``; a failed request has ``"ok": false, "error": ...``.
   instead of the decoded ``stdout``/``stderr``. ``window`` (any tree op) is the
   size of the worker pool when no strategy announced the task: when that many
   hosts wait in the task, nobody else can come.
+* ``{"op": "fetch", ..., "src", "out_path"}`` (the ``relay`` connection plugin's
+  ``fetch_file``): bring the file ``src`` back from this host's node to the local
+  ``out_path``. Both are outside the operation hash: the hosts of a step are one tree
+  fetch, each node reading its own ``src``, each file landing at its host's
+  ``out_path`` (checked, atomic, never partial; see ``Client.fetch_to_async``).
+  ``args.chunk_size`` is optional.
 * ``{"op": "expect", "task", "hosts", "window", "name"}``: exact membership
   (from the ``tree`` strategy): the hosts that will run the task, and how many
   of them can run at once (the worker pool).
@@ -77,7 +83,7 @@ import socket
 import struct
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Deque, Dict, List, Optional, Set, Tuple
 
 import relaytree
@@ -87,7 +93,7 @@ from relaytree.results import NodeOutcome, failed
 
 log = logging.getLogger("relaytree.coordinator")
 
-TREE_OPS = ("exec", "copy", "ping")
+TREE_OPS = ("exec", "copy", "ping", "fetch")
 MAX_LINE = 96 << 20  # exec stdin travels inline (base64 for stdin_b64)
 DEFAULT_GAP = 0.3
 DEFAULT_EXACT_GAP = 30.0
@@ -142,6 +148,7 @@ class Member:
     future: "asyncio.Future[Dict[str, Any]]"
     stdin: Optional[bytes] = None  # this host's own stdin (exec stdin_b64), None: args.stdin
     raw: bool = False  # reply with stdout_b64/stderr_b64
+    fetch: Optional[Tuple[str, str]] = None  # fetch: (src on the node, local out_path)
 
 
 @dataclass
@@ -209,6 +216,7 @@ class Coordinator:
         if not isinstance(args, dict) or not isinstance(tree, dict):
             raise RequestError("args and tree must be objects")
         stdin = _own_stdin(req, op, args)
+        fetch = _fetch_paths(req, op)
         window = req.get("window")
         if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 0):
             raise RequestError("bad window %r" % (window,))
@@ -221,7 +229,8 @@ class Coordinator:
             if window:
                 state.window = window
         step = state.steps.setdefault(step_name, Step())
-        member = Member(host, node, asyncio.get_running_loop().create_future(), stdin, bool(req.get("raw")))
+        member = Member(host, node, asyncio.get_running_loop().create_future(), stdin, bool(req.get("raw")),
+                        fetch)
         group = Group(task_id, step_name, op, port, args, tree, [member])
         if req.get("alone"):  # run_once: nobody else will come
             step.rounds[host] += 1
@@ -392,6 +401,8 @@ class Coordinator:
             return outcomes, dict({"stdin": "per-node"}, **({"parts": len(parts)} if len(parts) > 1 else {}))
         if group.op == "ping":
             return await client.ping_async(nodes, **common), {}
+        if group.op == "fetch":
+            return await fetch_operation(client, group, common)
         if group.op == "copy":
             src = args.get("src") or ""
             digest = asyncio.ensure_future(self._digest(src))
@@ -453,8 +464,7 @@ class Coordinator:
                 log.warning("refused a connection from another user")
                 return
             reply = await self._answer(reader)
-            writer.write(json.dumps(reply).encode("utf-8") + b"\n")
-            await writer.drain()
+            await write_reply(writer, reply)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -544,6 +554,28 @@ def stdin_parts(stdin_by_node: Dict[str, bytes], budget: int) -> List[List[str]]
     return parts
 
 
+async def fetch_operation(client: rclient.Client, group: Group, common: Dict[str, Any]
+                          ) -> Tuple[Dict[str, NodeOutcome], Dict[str, Any]]:
+    """One tree fetch for the hosts of a step: each node's own source path, each file to its host's out_path."""
+    sources = {m.node: m.fetch[0] for m in group.members if m.fetch}
+    outs = {m.node: m.fetch[1] for m in group.members if m.fetch}
+    chunk_size = int(group.args.get("chunk_size") or rclient.DEFAULT_CHUNK)
+    outcomes = await client.fetch_to_async(list(sources), sources, outs, chunk_size=chunk_size, **common)
+    return outcomes, {}
+
+
+def _fetch_paths(req: Dict[str, Any], op: str) -> Optional[Tuple[str, str]]:
+    """(src, out_path) of a fetch request, None for the other operations."""
+    if op != "fetch":
+        return None
+    src, out_path = req.get("src"), req.get("out_path")
+    if not isinstance(src, str) or not src.startswith("/"):
+        raise RequestError("fetch: src must be an absolute path on the node, not %r" % (src,))
+    if not isinstance(out_path, str) or not os.path.isabs(out_path):
+        raise RequestError("fetch: out_path must be an absolute local path, not %r" % (out_path,))
+    return src, out_path
+
+
 def _own_stdin(req: Dict[str, Any], op: str, args: Dict[str, Any]) -> Optional[bytes]:
     """The bytes of an exec request's stdin_b64, or None when it has none."""
     value = req.get("stdin_b64")
@@ -561,14 +593,52 @@ def _own_stdin(req: Dict[str, Any], op: str, args: Dict[str, Any]) -> Optional[b
         raise RequestError("stdin_b64: bad base64: %s" % exc) from None
 
 
+class Base64:
+    """Bytes that a reply carries base64-encoded, written piece by piece by write_reply (a module's
+    output may be hundreds of MiB: Ansible's slurp): never a second whole copy in memory."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+
 def _outcome_dict(outcome: NodeOutcome, member: Member) -> Dict[str, Any]:
     """A host's outcome in a reply: text output, or the exact bytes (base64) when it asked "raw"."""
-    out = dict(outcome.to_dict(), node=member.node)
-    if member.raw:
-        del out["stdout"], out["stderr"]
-        out["stdout_b64"] = base64.b64encode(outcome.stdout).decode("ascii")
-        out["stderr_b64"] = base64.b64encode(outcome.stderr).decode("ascii")
+    if not member.raw:
+        return dict(outcome.to_dict(), node=member.node)
+    out = dict(replace(outcome, stdout=b"", stderr=b"").to_dict(), node=member.node)
+    del out["stdout"], out["stderr"]
+    out["stdout_b64"] = Base64(outcome.stdout)
+    out["stderr_b64"] = Base64(outcome.stderr)
     return out
+
+
+async def write_reply(writer: asyncio.StreamWriter, reply: Dict[str, Any], piece: int = 3 << 20) -> None:
+    """Write one reply as a JSON line; Base64 values are encoded and sent `piece` bytes at a time."""
+    blobs: List[bytes] = []
+    token = os.urandom(8).hex()
+
+    def placeholder(value: Any) -> str:
+        if not isinstance(value, Base64):
+            raise TypeError("cannot send %s in a reply" % type(value).__name__)
+        blobs.append(value.data)
+        return "%s:%d" % (token, len(blobs) - 1)
+
+    text = json.dumps(reply, default=placeholder).encode("utf-8")
+    parts = re.split(b'"%s:([0-9]+)"' % token.encode("ascii"), text) if blobs else [text]
+    for i, part in enumerate(parts):
+        if i % 2 == 0:
+            writer.write(part)
+            continue
+        data = memoryview(blobs[int(part)])
+        writer.write(b'"')
+        for start in range(0, len(data), piece):  # piece: a multiple of 3, no padding inside
+            writer.write(base64.b64encode(data[start:start + piece]))
+            await writer.drain()
+        writer.write(b'"')
+    writer.write(b"\n")
+    await writer.drain()
 
 
 def _text(req: Dict[str, Any], key: str) -> str:

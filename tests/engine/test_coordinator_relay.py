@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 
 import pytest
 
@@ -31,6 +32,29 @@ def fake_client(monkeypatch):
     return FakeClient
 
 
+class Writer:
+    """Stands for the socket a reply is written to."""
+
+    def __init__(self):
+        self.data = bytearray()
+        self.writes = 0
+
+    def write(self, data):
+        self.data += data
+        self.writes += 1
+
+    async def drain(self):
+        pass
+
+
+async def as_sent(reply, piece=3 << 20):
+    """The reply as the worker receives it (written by coordinator.write_reply, parsed back)."""
+    writer = Writer()
+    await coord.write_reply(writer, reply, piece)
+    assert writer.data.endswith(b"\n") and writer.data.count(b"\n") == 1
+    return json.loads(writer.data)
+
+
 def req(host, stdin=None, expected=("a", "b", "c"), task="t1", step="exec1", **kw):
     msg = {"op": "exec", "task": task, "step": step, "host": host, "node": host, "port": 1995,
            "args": {"command": ["/bin/sh", "-c", "cat"]}, "tree": {}, "expected": list(expected), "raw": True}
@@ -43,7 +67,7 @@ def req(host, stdin=None, expected=("a", "b", "c"), task="t1", step="exec1", **k
 async def test_per_host_stdin_is_one_operation(fake_client):
     c = coord.Coordinator(gap=10)
     futs = [c.submit(req(h, stdin=b"payload for " + h.encode())) for h in "abc"]
-    replies = await asyncio.gather(*futs)
+    replies = [await as_sent(r) for r in await asyncio.gather(*futs)]
     (call,) = fake_client.calls
     assert call["nodes"] == ["a", "b", "c"] and call["stdin"] == b""
     assert call["stdin_by_node"] == {h: b"payload for " + h.encode() for h in "abc"}
@@ -118,9 +142,55 @@ def test_stdin_parts_keep_similar_stdins_together():
 async def test_large_different_stdins_go_as_several_operations(fake_client, monkeypatch):
     monkeypatch.setattr(coord, "STDIN_BUDGET", 150_000)
     c = coord.Coordinator(gap=10)
-    replies = await asyncio.gather(*[c.submit(req(h, stdin=h.encode() * 100_000)) for h in "abc"])
+    replies = [await as_sent(r, piece=3 * 1000)  # the base64 in many pieces
+               for r in await asyncio.gather(*[c.submit(req(h, stdin=h.encode() * 100_000)) for h in "abc"])]
     assert sorted(len(call["nodes"]) for call in fake_client.calls) == [1, 1, 1]
     for host, reply in zip("abc", replies):
         assert base64.b64decode(reply["outcome"]["stdout_b64"]) == host.encode() * 100_000
     (op,) = c.stats()["operations"]
     assert op["stdin"] == "per-node" and op["parts"] == 3 and len(op["hosts"]) == 3
+
+
+async def test_fetch_is_one_tree_operation_with_own_sources_and_destinations(fleet_factory, tmp_path):
+    """The relay connection's fetch_file: each host its own src and out_path, one tree fetch per step."""
+    fleet = fleet_factory(3)
+    for d in fleet.daemons:
+        (d.base_dir / "logs").mkdir()
+        (d.base_dir / "logs" / ("%s.log" % d.name)).write_bytes(d.name.encode() * 1000)
+    (fleet.daemons[2].base_dir / "logs" / ("%s.log" % fleet.daemons[2].name)).unlink()
+    c = coord.Coordinator(gap=10)
+    hosts = ["h-" + n for n in fleet.names]
+
+    def fetch(name):
+        return {"op": "fetch", "task": "T", "step": "fetch1", "host": "h-" + name, "node": name,
+                "port": fleet.port, "expected": hosts, "args": {}, "tree": {"insecure": True},
+                "src": "/logs/%s.log" % name, "out_path": str(tmp_path / "h-{}".format(name) / "out.log")}
+
+    replies = await asyncio.gather(*[c.submit(fetch(n)) for n in fleet.names])
+    (op,) = c.stats()["operations"]
+    assert op["op"] == "fetch" and sorted(op["hosts"]) == sorted(hosts) and not op["error"]
+    for name, reply in zip(fleet.names[:2], replies):
+        out = reply["outcome"]
+        path = tmp_path / ("h-" + name) / "out.log"
+        assert out["status"] == "PASS" and out["dest"] == str(path) and out["size"] == 9000, out
+        assert path.read_bytes() == name.encode() * 1000
+    missing = replies[2]["outcome"]
+    assert missing["status"] == "FAILED" and "No such file" in missing["error"], missing
+    assert not (tmp_path / ("h-" + fleet.names[2])).exists()
+    with pytest.raises(coord.RequestError, match="out_path"):
+        c.submit(dict(fetch(fleet.names[0]), out_path="relative"))
+    with pytest.raises(coord.RequestError, match="src"):
+        c.submit(dict(fetch(fleet.names[0]), src=None))
+
+
+async def test_big_raw_output_is_written_in_pieces():
+    data = bytes(range(256)) * 4001  # not a multiple of the piece: padding only at the end
+    member = coord.Member("h", "n", None, raw=True)
+    reply = {"ok": True, "outcome": coord._outcome_dict(NodeOutcome(node="n", status=Status.PASS, rc=0,
+                                                                    stdout=data, stderr=b"e"), member)}
+    writer = Writer()
+    await coord.write_reply(writer, reply, piece=3 * 100)
+    assert writer.writes > 30
+    out = json.loads(writer.data)["outcome"]
+    assert base64.b64decode(out["stdout_b64"]) == data and base64.b64decode(out["stderr_b64"]) == b"e"
+    assert out["node"] == "n" and "stdout" not in out
