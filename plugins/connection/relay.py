@@ -149,7 +149,8 @@ notes:
     C(fetch_file) (P(ansible.builtin.fetch#module)) is a relaytree tree fetch. The hosts of a task are one
     tree operation, each node streams its own file up the tree in chunks (bounded memory on every relay and
     on the controller, whatever the file size), and each file lands at its host's destination through a
-    temporary file, checked against the size and sha256 the node reports, never partial. Files are written and read as the daemon's user (root), whatever C(become).
+    temporary file, checked against the size and sha256 the node reports, never partial. Files are written
+    and read as the daemon's user (root), whatever C(become).
   - B(Paths.) File transfers are relaytree requests. On a daemon started with C(--base-dir) (a sandbox for
     experiments) their paths are resolved under that directory, while modules see the real filesystem. Use
     this connection with daemons without C(base_dir) (the role's default).
