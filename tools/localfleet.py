@@ -28,6 +28,7 @@ class Daemon:
     log_path: Path
     extra_args: List[str] = field(default_factory=list)
     insecure: bool = True
+    confined: bool = True  # run with --base-dir base_dir (else request paths are real paths)
     proc: Optional[subprocess.Popen] = None
 
     @property
@@ -38,10 +39,10 @@ class Daemon:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            RELAYTREE + ["serve", "--listen", self.address, "--base-dir", str(self.base_dir),
-                         "--state-dir", str(self.base_dir.parent / (self.name + ".state")),
-                         "--log-level", "info"] + (["--insecure"] if self.insecure else [])
-            + self.extra_args,
+            RELAYTREE + ["serve", "--listen", self.address]
+            + (["--base-dir", str(self.base_dir)] if self.confined else [])
+            + ["--state-dir", str(self.base_dir.parent / (self.name + ".state")), "--log-level", "info"]
+            + (["--insecure"] if self.insecure else []) + self.extra_args,
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def alive(self) -> bool:
@@ -95,17 +96,20 @@ def secure_config(daemon: Daemon, pki: Path, extra: str = "") -> Path:
 class Fleet:
     """N daemons on 127.0.0.2 ... 127.0.0.(N+1), all on one port, each with its own base dir.
 
-    With `pki` they run secure (mutual TLS, signed requests), else with --insecure.
+    With `pki` they run secure (mutual TLS, signed requests), else with --insecure.  With
+    confined=False they run without --base-dir: request paths are this machine's real paths
+    (the base dirs then only hold their state and config).
     """
 
     def __init__(self, tmp: Path, count: int, port: Optional[int] = None, first: int = 2,
-                 extra_args=(), pki: Optional[Path] = None, policy: str = ""):
+                 extra_args=(), pki: Optional[Path] = None, policy: str = "", confined: bool = True):
         self.tmp = tmp
         self.pki = pki
         names = ["127.0.0.%d" % (first + i) for i in range(count)]
         self.port = port or free_port(names)
         self.daemons = [Daemon(name, self.port, tmp / ("n" + name.rsplit(".", 1)[1]),
-                               tmp / ("n%s.log" % name.rsplit(".", 1)[1]), list(extra_args))
+                               tmp / ("n%s.log" % name.rsplit(".", 1)[1]), list(extra_args),
+                               confined=confined)
                         for name in names]
         if pki is not None:
             for d in self.daemons:

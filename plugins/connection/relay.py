@@ -49,33 +49,6 @@ options:
     ini:
       - section: relaytree_connection
         key: command_timeout
-  put_inline_limit:
-    description:
-      - Files up to this many bytes are sent to a node inside a command's standard input (one tree
-        operation for all the hosts of a task, whatever their paths and contents). Larger files go by a
-        tree copy (streamed in chunks) to a staging name next to the destination, then are renamed.
-    type: int
-    default: 4194304
-    vars:
-      - name: relaytree_put_inline_limit
-    env:
-      - name: ANSIBLE_RELAYTREE_PUT_INLINE_LIMIT
-    ini:
-      - section: relaytree_connection
-        key: put_inline_limit
-  fetch_limit:
-    description:
-      - Largest file, in bytes, that C(fetch_file) (P(ansible.builtin.fetch#module)) brings back from a node.
-        Larger files are refused with a message (the bytes come back through command output).
-    type: int
-    default: 67108864
-    vars:
-      - name: relaytree_fetch_limit
-    env:
-      - name: ANSIBLE_RELAYTREE_FETCH_LIMIT
-    ini:
-      - section: relaytree_connection
-        key: fetch_limit
   pipelining:
     description:
       - Run modules by piping them to the interpreter's standard input instead of copying a file to the
@@ -106,14 +79,21 @@ notes:
     C(delegate_to) tasks, and uses outside a task, are one operation per host.
   - B(What travels on standard input.) So that commands which differ between hosts (temporary directory
     names, paths) are still one tree operation, a command without input is sent as a script on the standard
-    input of C(/bin/sh), which runs it exactly as C(/bin/sh -c CMD) with input from C(/dev/null); file
-    transfers send their paths on standard input too. Each node's bytes are covered by the controller's
-    signature.
-  - B(File transfers.) C(put_file) sends files up to O(put_inline_limit) inside a command's standard input.
-    Larger files go by a tree copy to a staging name in the remote temporary directory that is the same for
-    all the hosts of the task (one tree copy for all), then each host renames it into place; if that fails
-    (several nodes share the directory, another one took the file), the host gets its own copy.
-    C(fetch_file) reads the file through command output in 8 MiB pieces, up to O(fetch_limit).
+    input of C(/bin/sh), which runs it exactly as C(/bin/sh -c CMD) with input from C(/dev/null). Each node's
+    bytes are covered by the controller's signature.
+  - B(File transfers.) C(put_file) (module files without pipelining, the files of
+    P(ansible.builtin.copy#module) and P(ansible.builtin.template#module)) is a relaytree tree copy, streamed
+    in chunks, checked against its sha256 and renamed into place atomically on the node. The hosts that put
+    the same local file to the same path are one tree copy; Ansible puts files into per-host temporary
+    directories, so in practice every host gets its own copy (all of them at once).
+    C(fetch_file) (P(ansible.builtin.fetch#module)) is a relaytree tree fetch. The hosts of a task are one
+    tree operation, each node streams its own file up the tree in chunks (bounded memory on every relay and
+    on the controller, whatever the file size), and each file lands at its host's destination through a
+    temporary file, checked against the size and sha256 the node reports, never partial. Files are written
+    and read as the daemon's user (root), whatever C(become).
+  - B(Paths.) File transfers are relaytree requests. On a daemon started with C(--base-dir) (a sandbox for
+    experiments) their paths are resolved under that directory, while modules see the real filesystem. Use
+    this connection with daemons without C(base_dir) (the role's default).
   - B(Users.) The relay daemon runs as root and runs commands as root; C(remote_user) and C(ansible_user)
     are not used (Ansible treats the connection user as V(root)).
   - B(Privilege escalation.) With C(become), the commands Ansible would wrap with the become method run
@@ -126,9 +106,12 @@ notes:
     directory.
   - A node whose daemon cannot be reached is reported unreachable. A command that times out
     (O(command_timeout)), that cannot start (for example an unknown C(become_user)) or whose output exceeds
-    16 MiB fails the task with a message.
-  - If the daemons restrict copy destinations (C(copy_dest_prefixes) of the controller key), the remote
-    temporary directory must be allowed for files larger than O(put_inline_limit).
+    256 MiB per stream fails the task with a message. A module's output is held whole in memory by the node,
+    each relay on its way and the coordinator (P(ansible.builtin.slurp#module) of a 100 MiB file is 134 MiB of
+    output); use P(ansible.builtin.fetch#module) for big files, it streams.
+  - If the daemons restrict the controller key (C(copy_dest_prefixes), C(allow_fetch),
+    C(fetch_src_prefixes)), the remote temporary directory must be an allowed copy destination, and
+    P(ansible.builtin.fetch#module) needs C(allow_fetch).
   - The relaytree Python package ships in the collection's C(src/) directory; the controller needs the Python
     packages grpcio, protobuf and ClusterShell (only the coordinator process loads them; no gRPC in Ansible's
     own processes).
@@ -160,7 +143,6 @@ EXAMPLES = r"""
 
 import base64
 import collections
-import hashlib
 import os
 import uuid
 
@@ -180,50 +162,22 @@ from ansible_collections.hpc.relaytree.plugins.plugin_utils._tree_options import
 
 display = Display()
 
-# Largest output a node keeps per stream of one command (relaytree.wire.MAX_OUTPUT_LIMIT).
-OUTPUT_LIMIT = 16 << 20
-# fetch_file reads a file in pieces of this many 1 MiB blocks (raw bytes in the command output).
-FETCH_BLOCKS = 8
+# Largest output a node keeps per stream of one command: the hard cap of relaytree.wire.MAX_OUTPUT_LIMIT,
+# so that modules returning a file in their output (slurp) work for files up to ~190 MiB.
+OUTPUT_LIMIT = 256 << 20
 # Commands longer than this are sent as they are (one argument of exec is limited to 128 KiB).
 SCRIPT_ON_STDIN_MAX = 64 << 10
 
-# What the coordinator merges is the same command line with per-host standard inputs. So the
-# per-host parts of the commands below travel on stdin (paths one per line, then data), and a
+# What the coordinator merges is the same command line with per-host standard inputs. So a
 # command without input (mkdir of a temporary directory with a random name, rm, chmod...) is
 # sent as a script on the stdin of this runner, which then runs it exactly as the daemon runs
-# a shell command (/bin/sh -c CMD, stdin /dev/null). Paths that contain a newline go as
-# arguments instead (that host is then an operation of its own).
+# a shell command (/bin/sh -c CMD, stdin /dev/null).
 RUN_SCRIPT = 'c=$(cat) || exit 126; exec /bin/sh -c "$c" </dev/null'
-# put_file, small files: destination path, newline, content.
-PUT_SCRIPT = 'if [ $# -ge 1 ]; then p=$1; else IFS= read -r p || exit 97; fi; exec cat > "$p"'
-# put_file, large files: a tree copy lands at STAGING (a request path: under the daemon's --base-dir if
-# it has one), then this renames it; with cwd "/" the relative "./STAGING" is that same file either way.
-MOVE_SCRIPT = ('if [ $# -ge 2 ]; then s=$1; d=$2; else IFS= read -r s && IFS= read -r d || exit 97; fi; '
-               'mv -f -- "./$s" "$d" || { rc=$?; rm -f -- "./$s"; exit $rc; }')
-# fetch_file ($1 size limit, $2 blocks): the size on a line (nothing more above the limit), then the
-# first blocks; FETCH_MORE ($1 skip, $2 blocks) reads the next ones.
-FETCH_SCRIPT = r"""if [ $# -ge 3 ]; then f=$3; else IFS= read -r f || exit 97; fi
-if [ -d "$f" ]; then echo "$f is a directory" >&2; exit 3; fi
-if [ ! -e "$f" ]; then echo "$f: no such file" >&2; exit 4; fi
-n=$(wc -c < "$f") || exit 5
-n=$((n + 0))
-echo "$n"
-[ "$n" -le "$1" ] || exit 0
-exec dd if="$f" bs=1048576 count="$2" 2>/dev/null"""
-FETCH_MORE = ('if [ $# -ge 3 ]; then f=$3; else IFS= read -r f || exit 97; fi; '
-              'exec dd if="$f" bs=1048576 skip="$1" count="$2" 2>/dev/null')
 
 
 def script(name: str, body: str, *args: str) -> list:
     """argv of a /bin/sh script ($0 is its name, for error messages)."""
     return ["/bin/sh", "-c", body, name] + [str(a) for a in args]
-
-
-def paths_on_stdin(*paths: str) -> tuple:
-    """(stdin prefix, extra arguments) that pass paths to the scripts above: lines, or arguments."""
-    if any("\n" in p for p in paths):
-        return b"", list(paths)
-    return b"".join(p.encode("utf-8", "surrogateescape") + b"\n" for p in paths), []
 
 
 def command_form(cmd: str, in_data: bytes) -> tuple:
@@ -289,36 +243,15 @@ def command_result(outcome: dict, node: str, user: str = "") -> tuple:
     return rc, stdout, stderr
 
 
-def staging_path(out_path: str) -> str:
-    """This host's own staging name for a tree copy: next to out_path (a rename, not a copy, then)."""
-    return "%s.relaytree-%s" % (out_path, uuid.uuid4().hex[:12])
-
-
-def shared_staging_path(out_path: str, in_path: str, st: os.stat_result, key: str):
-    """A staging name the same for every host putting this local file in this task, or None.
-
-    Ansible puts files into a per-host temporary directory (REMOTE_TMP/ansible-tmp-TIME-PID-RANDOM/):
-    staging in REMOTE_TMP, with a name from the task and the local file, makes the copies of all
-    the hosts one tree copy.
-    """
-    parent, _name = os.path.split(out_path)
-    root, tmpdir = os.path.split(parent)
-    if not tmpdir.startswith("ansible-tmp-") or not root.startswith("/"):
-        return None
-    ident = "%s\0%s\0%d\0%d\0%d" % (key, os.path.abspath(in_path), st.st_size, st.st_mtime_ns, st.st_ino)
-    digest = hashlib.sha256(ident.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-    return "%s/.relaytree-put-%s" % (root.rstrip("/"), digest)
-
-
-def fetch_size(first: bytes, path: str, node: str) -> tuple:
-    """(size, data) from the output of FETCH_SCRIPT: the size on the first line, then the first blocks."""
-    line, sep, data = first.partition(b"\n")
-    try:
-        if not sep:
-            raise ValueError(line)
-        return int(line), data
-    except ValueError:
-        raise AnsibleError("relaytree: cannot read the size of %s on %s (got %r)" % (path, node, first[:80])) from None
+def transfer_result(outcome: dict, node: str, what: str) -> dict:
+    """The outcome of a tree copy or fetch for this host, or the exception Ansible should see."""
+    status = outcome.get("status")
+    error = outcome.get("error") or status or "no answer"
+    if status == "UNREACHABLE":
+        raise AnsibleConnectionFailure("relaytree: %s unreachable: %s" % (node, error))
+    if status != "PASS":
+        raise AnsibleError("relaytree: failed to %s on %s: %s" % (what, node, error))
+    return outcome
 
 
 class Connection(ConnectionBase):
@@ -394,7 +327,7 @@ class Connection(ConnectionBase):
         return options
 
     def _request(self, kind: str, op: str, args: dict, stdin: bytes | None = None, raw: bool = False,
-                 timeout: float | None = None) -> tuple:
+                 timeout: float | None = None, extra: dict | None = None) -> tuple:
         """This host's part of one tree operation: (outcome dict, operation dict)."""
         self._steps[kind] += 1
         message = tree_request(
@@ -403,6 +336,7 @@ class Connection(ConnectionBase):
             host=self._host, node=self._node, options=self._tree_options(), args=args,
             expected=self._play_batch, alone=self._alone, window=worker_window(self._task_keys.get("throttle")),
             stdin=stdin, raw=raw)
+        message.update(extra or {})
         try:
             reply = self._coordinator.call(message, timeout=timeout)
         except CoordinatorError as exc:
@@ -439,85 +373,27 @@ class Connection(ConnectionBase):
         return self._exec("exec", command, stdin=stdin, user=user)
 
     def put_file(self, in_path, out_path):
+        """One tree copy of the local file to out_path (shared by the hosts that put the same file there)."""
         super().put_file(in_path, out_path)
         display.vvv("PUT %s TO %s" % (in_path, out_path), host=self._host)
         if not os.path.isfile(to_bytes(in_path, errors="surrogate_or_strict")):
             raise AnsibleFileNotFound("file or module does not exist: %s" % to_text(in_path))
-        out_path = to_text(out_path)
-        size = os.path.getsize(to_bytes(in_path, errors="surrogate_or_strict"))
-        if size <= int(self.get_option("put_inline_limit")):
-            with open(to_bytes(in_path, errors="surrogate_or_strict"), "rb") as fh:
-                data = fh.read()
-            head, argv = paths_on_stdin(out_path)
-            rc, _out, err = self._exec("put", script("relaytree-put", PUT_SCRIPT, *argv), stdin=head + data)
-        else:
-            rc, err = self._put_by_copy(to_text(in_path), out_path)
-        if rc != 0:
-            raise AnsibleError("relaytree: failed to transfer %s to %s on %s: %s"
-                               % (to_text(in_path), out_path, self._node, to_text(err).strip() or "exit %s" % rc))
-
-    def _put_by_copy(self, in_path: str, out_path: str) -> tuple:
-        """A tree copy (streamed in chunks) to a staging name, then a rename to out_path: (rc, stderr).
-
-        First to a staging name shared by all the hosts of the task (one tree copy for all); if the
-        rename fails (the staging directory is shared by several nodes, a network home: another node
-        took the file), again to this host's own staging name.
-        """
+        in_path, out_path = to_text(in_path), to_text(out_path)
         if not out_path.startswith("/"):
             raise AnsibleError("relaytree: cannot copy %s to the relative path %s" % (in_path, out_path))
-        shared = shared_staging_path(out_path, in_path, os.stat(in_path), "%d\0%s" % (self._run_pid, self._task_id))
-        if shared:
-            rc, err = self._copy_and_move(in_path, shared, out_path)
-            if rc == 0:
-                return rc, err
-            display.vvv("RELAYTREE: shared staging failed (%s): copying again for this host alone"
-                        % to_text(err).strip(), host=self._host)
-        return self._copy_and_move(in_path, staging_path(out_path), out_path)
-
-    def _copy_and_move(self, in_path: str, staging: str, out_path: str) -> tuple:
-        outcome, _operation = self._request("copy", "copy", {"src": os.path.abspath(in_path), "dest": staging,
-                                                             "mkdirs": True})
-        if outcome.get("status") == "UNREACHABLE":
-            raise AnsibleConnectionFailure("relaytree: %s unreachable: %s" % (self._node, outcome.get("error")))
-        if outcome.get("status") != "PASS":
-            return 1, to_bytes(outcome.get("error") or "tree copy %s" % outcome.get("status"))
-        head, argv = paths_on_stdin(staging.lstrip("/"), out_path)
-        rc, _out, err = self._exec("move", script("relaytree-put", MOVE_SCRIPT, *argv), stdin=head, cwd="/")
-        return rc, err
+        outcome, _operation = self._request("put", "copy", {"src": os.path.abspath(in_path), "dest": out_path})
+        transfer_result(outcome, self._node, "transfer %s to %s" % (in_path, out_path))
 
     def fetch_file(self, in_path, out_path):
+        """One tree fetch for the hosts of the step, this node's file landing at out_path."""
         super().fetch_file(in_path, out_path)
         display.vvv("FETCH %s TO %s" % (in_path, out_path), host=self._host)
-        in_path, limit = to_text(in_path), int(self.get_option("fetch_limit"))
-        chunk = FETCH_BLOCKS << 20
-        head, argv = paths_on_stdin(in_path)
-        rc, out, err = self._exec("fetch", script("relaytree-fetch", FETCH_SCRIPT, limit, FETCH_BLOCKS, *argv),
-                                  stdin=head, output_limit=chunk + 64)
-        if rc != 0:
-            raise AnsibleError("relaytree: cannot fetch %s from %s: %s"
-                               % (in_path, self._node, to_text(err).strip() or "exit %d" % rc))
-        size, data = fetch_size(out, in_path, self._node)
-        if size > limit:
-            raise AnsibleError("relaytree: %s on %s is %d bytes, more than the fetch limit of %d bytes "
-                               "(relaytree_fetch_limit): the file comes back through command output, "
-                               "so large files are refused" % (in_path, self._node, size, limit))
-        parts = [data]
-        got = len(data)
-        while got < size and not got % (1 << 20):
-            rc, more, err = self._exec("fetch", script("relaytree-fetch", FETCH_MORE, got >> 20, FETCH_BLOCKS, *argv),
-                                       stdin=head, output_limit=chunk)
-            if rc != 0 or not more:
-                break
-            parts.append(more)
-            got += len(more)
-            if got % (1 << 20) and got < size:  # a short block: the next skip= would be wrong
-                break
-        if got != size:
-            raise AnsibleError("relaytree: %s on %s changed while it was fetched (%d bytes announced, %d read)%s"
-                               % (in_path, self._node, size, got, ": " + to_text(err).strip() if err else ""))
-        with open(to_bytes(out_path, errors="surrogate_or_strict"), "wb") as fh:
-            for part in parts:
-                fh.write(part)
+        in_path, out_path = to_text(in_path), to_text(out_path)
+        if not in_path.startswith("/"):
+            raise AnsibleError("relaytree: cannot fetch the relative path %s" % in_path)
+        outcome, _operation = self._request("fetch", "fetch", {},
+                                            extra={"src": in_path, "out_path": os.path.abspath(out_path)})
+        transfer_result(outcome, self._node, "fetch %s" % in_path)
 
     def close(self):
         """The host is done with the task: a running coordinator need not wait for it at later steps."""

@@ -145,23 +145,47 @@ def _under(path: str, prefix: str) -> bool:
     return prefix == "/" or path == prefix or path.startswith(prefix + "/")
 
 
+def _norm_prefixes(prefixes: Optional[List[str]], what: str) -> Optional[List[str]]:
+    if prefixes is None:
+        return None
+    out = []
+    for p in prefixes:
+        if not isinstance(p, str) or not p.startswith("/") or "\0" in p:
+            raise ValueError(f"{what} prefix must be an absolute path, got {p!r}")
+        out.append(_norm_path(p))
+    return out
+
+
+def _path_allowed(path: str, prefixes: Optional[List[str]]) -> bool:
+    if prefixes is None:
+        return True
+    if not path.startswith("/") or "\0" in path:
+        return False
+    norm = _norm_path(path)
+    return any(_under(norm, p) for p in prefixes)
+
+
 @dataclass
 class KeyRule:
-    """What one controller key may do.  ``None`` lists mean "no restriction"."""
+    """What one controller key may do.  ``None`` lists mean "no restriction".
+
+    ``allow_fetch`` (read files back from the nodes) defaults to ``allow_exec``: a key
+    that may run commands can read any file anyway (``cat``), while a key limited to
+    copying files in must not gain read access to the whole node by default.
+    """
 
     allow_exec: bool = True
     allow_copy: bool = True
     copy_dest_prefixes: Optional[List[str]] = None
     run_as_users: Optional[List[str]] = None
+    allow_fetch: Optional[bool] = None
+    fetch_src_prefixes: Optional[List[str]] = None
 
     def __post_init__(self) -> None:
-        if self.copy_dest_prefixes is not None:
-            prefixes = []
-            for p in self.copy_dest_prefixes:
-                if not isinstance(p, str) or not p.startswith("/") or "\0" in p:
-                    raise ValueError(f"copy destination prefix must be an absolute path, got {p!r}")
-                prefixes.append(_norm_path(p))
-            self.copy_dest_prefixes = prefixes
+        self.copy_dest_prefixes = _norm_prefixes(self.copy_dest_prefixes, "copy destination")
+        self.fetch_src_prefixes = _norm_prefixes(self.fetch_src_prefixes, "fetch source")
+        if self.allow_fetch is None:
+            self.allow_fetch = self.allow_exec
         if self.run_as_users is not None:
             self.run_as_users = [str(u) for u in self.run_as_users]
 
@@ -172,19 +196,20 @@ class KeyRule:
         final destination before writing, so a symlink under an allowed prefix
         cannot lead outside it.
         """
-        if self.copy_dest_prefixes is None:
-            return True
-        if not path.startswith("/") or "\0" in path:
-            return False
-        norm = _norm_path(path)
-        return any(_under(norm, p) for p in self.copy_dest_prefixes)
+        return _path_allowed(path, self.copy_dest_prefixes)
+
+    def src_allowed(self, path: str) -> bool:
+        """Is absolute ``path`` under an allowed fetch source prefix?  (The daemon also
+        checks the real path of the file it opened.)"""
+        return _path_allowed(path, self.fetch_src_prefixes)
 
     def user_allowed(self, user: str) -> bool:
         return self.run_as_users is None or user in self.run_as_users
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "KeyRule":
-        unknown = set(data) - {"allow_exec", "allow_copy", "copy_dest_prefixes", "run_as_users"}
+        unknown = set(data) - {"allow_exec", "allow_copy", "copy_dest_prefixes", "run_as_users",
+                               "allow_fetch", "fetch_src_prefixes"}
         if unknown:
             raise ValueError(f"unknown key rule setting(s): {', '.join(sorted(unknown))}")
         return cls(**dict(data))
@@ -236,6 +261,18 @@ class Policy:
                 norm = _norm_path(dest)
                 extra = f" (resolves to {norm})" if norm != dest else ""
                 raise AuthError(f"copy destination {dest} not allowed for key {key_id}{extra}", "policy")
+        elif op == "fetch":
+            _check_fetch(rule, key_id, envelope.fetch)
+
+
+def _check_fetch(rule: KeyRule, key_id: str, spec: pb.FetchSpec) -> None:
+    if not rule.allow_fetch:
+        raise AuthError(f"key {key_id} may not fetch", "policy")
+    for src in list(spec.src_by_node.values()) or [spec.src]:
+        if not rule.src_allowed(src):
+            norm = _norm_path(src) if src.startswith("/") else src
+            extra = f" (resolves to {norm})" if norm != src else ""
+            raise AuthError(f"fetch source {src} not allowed for key {key_id}{extra}", "policy")
 
 
 # --------------------------------------------------------------------------- nonce cache

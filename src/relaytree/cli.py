@@ -1,4 +1,4 @@
-"""`relaytree` command line: exec, copy, ping, serve."""
+"""`relaytree` command line: exec, copy, fetch, ping, serve."""
 
 from __future__ import annotations
 
@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="report what would change, write nothing")
     p.add_argument("--chunk-size", type=_size, default=rclient.DEFAULT_CHUNK, metavar="SIZE")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("fetch", help="bring a file back from every node, to DESTDIR/NODE/NAME")
+    _add_tree_options(p, rclient.DEFAULT_COPY_WIDTH)
+    p.add_argument("src", help="absolute path of the file on the nodes")
+    p.add_argument("destdir", help="existing local directory: each node's file lands at "
+                                   "DESTDIR/NODE/basename(SRC)")
+    p.add_argument("--chunk-size", type=_size, default=rclient.DEFAULT_CHUNK, metavar="SIZE")
 
     p = sub.add_parser("ping", help="version, hostname, uptime and load of every node")
     _add_tree_options(p, rclient.DEFAULT_EXEC_WIDTH)
@@ -246,6 +253,12 @@ def _cmd_copy(args) -> int:
     return _print_results(args, "copy", outcomes)
 
 
+def _cmd_fetch(args) -> int:
+    outcomes = _client(args).fetch(args.nodes, args.src, args.destdir, width=args.width,
+                                   chunk_size=args.chunk_size, deadline=args.deadline)
+    return _print_results(args, "fetch", outcomes)
+
+
 def _cmd_ping(args) -> int:
     outcomes = _client(args).ping(args.nodes, width=args.width, deadline=args.deadline)
     return _print_results(args, "ping", outcomes)
@@ -265,7 +278,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler = {"exec": _cmd_exec, "copy": _cmd_copy, "ping": _cmd_ping, "serve": _cmd_serve, "supervise": _cmd_supervise,
-               "keys": _cmd_keys}
+               "keys": _cmd_keys, "fetch": _cmd_fetch}
     try:
         return handler[args.command](args)
     except rclient.ClientError as exc:

@@ -20,8 +20,8 @@ from ClusterShell.NodeSet import NodeSet, NodeSetException
 
 import relaytree
 from relaytree import stdin as stdin_codec
-from relaytree import tree, wire
-from relaytree.results import NodeOutcome, Status, unreachable
+from relaytree import filefetch, tree, wire
+from relaytree.results import NodeOutcome, Status, failed, unreachable
 from relaytree.v1 import relaytree_pb2 as pb
 
 # Chosen from bench/engine.py (see the closing note of the engine issue): commands are
@@ -161,7 +161,10 @@ class Client:
     async def _run(self, kind: str, nodes: Nodes, width: int, deadline: float, operation: dict,
                    on_result: Optional[ResultCallback], feed: Optional[tree.ChunkFeed] = None,
                    producer=None, stdin_by_node: Optional[Mapping[str, bytes]] = None,
+                   on_chunk=None, settle: Optional[Callable[[NodeOutcome], NodeOutcome]] = None,
                    ) -> Dict[str, NodeOutcome]:
+        """One tree operation.  `settle` turns each node's outcome into its final one before
+        it is kept and reported (a fetch lands the node's file there)."""
         names = expand(nodes)
         if width < 1:
             raise ClientError("width must be at least 1")
@@ -186,6 +189,8 @@ class Client:
 
         def emit(result) -> None:
             outcome = result if isinstance(result, NodeOutcome) else NodeOutcome.from_pb(result)
+            if settle is not None:
+                outcome = settle(outcome)
             outcomes[outcome.node] = outcome
             if on_result is not None:
                 on_result(outcome)
@@ -197,7 +202,7 @@ class Client:
         fan = tree.Fanout(pool, kind=kind, envelope=envelope, auth=auth, targets=targets,
                           width=width, connect_timeout=self.connect_timeout,
                           batch_ms=self.batch_ms, deadline=loop.time() + deadline, emit=emit,
-                          feed=feed, blobs=blobs, patches=patches)
+                          feed=feed, blobs=blobs, patches=patches, on_chunk=on_chunk)
         try:
             if producer is None:
                 await fan.run()
@@ -315,6 +320,91 @@ class Client:
         finally:
             os.close(fd)
 
+    async def fetch_to_async(self, nodes: Nodes, src: Union[str, Mapping[str, str]],
+                             dest: Union[Mapping[str, str], Callable[[str], str]], *,
+                             width: int = DEFAULT_COPY_WIDTH, chunk_size: int = DEFAULT_CHUNK,
+                             deadline: Optional[float] = None,
+                             on_result: Optional[ResultCallback] = None) -> Dict[str, NodeOutcome]:
+        """Bring a file back from every node, each node's to its own local path.
+
+        src: the absolute path on every node, or {node: its own path}.  dest: {node: local
+        path} or a function of the node name.  Each file lands through a temporary file
+        next to its destination, checked against the size and sha256 the node reports,
+        then renamed into place (missing parent directories are created); a failed or
+        interrupted fetch leaves no partial file.  A node's outcome has dest (the local
+        path), size and sha256; changed is False when the destination already held the
+        same content.  Memory stays bounded whatever the file sizes."""
+        names = expand(nodes)
+        if isinstance(src, str):
+            spec = pb.FetchSpec(src=src, chunk_size=chunk_size)
+            sources = dict.fromkeys(names, src)
+        else:
+            sources = {n: src.get(n, "") for n in names}
+            spec = pb.FetchSpec(chunk_size=chunk_size)
+            if len(set(sources.values())) == 1:  # the same for all: no per-node table
+                spec.src = next(iter(sources.values()))
+            else:
+                spec.src_by_node.update(sources)
+        bad = [n for n, path in sources.items() if not path.startswith("/") or "\0" in path]
+        if bad:
+            raise ClientError("fetch source must be an absolute path on the nodes: %r (%s)"
+                              % (sources[bad[0]], fold(bad)))
+        if not 0 < chunk_size <= 8 << 20:
+            raise ClientError("chunk size must be between 1 byte and 8 MiB")
+        paths = {n: dest(n) if callable(dest) else dest.get(n, "") for n in names}
+        missing = [n for n, path in paths.items() if not path]
+        if missing:
+            raise ClientError("no local destination for %s" % fold(missing))
+        sinks = {n: filefetch.FetchSink(path) for n, path in paths.items()}
+        broken: Dict[str, str] = {}  # node -> why its data cannot be used
+
+        async def on_chunk(node: str, frame: bytes) -> None:
+            if node in broken:
+                return
+            _name, offset, data = wire.parse_chunk(frame)
+            try:
+                sinks[node].write(offset, data)
+            except filefetch.FetchError as exc:
+                sinks[node].abort()
+                broken[node] = str(exc)
+
+        def settle(outcome: NodeOutcome) -> NodeOutcome:
+            sink = sinks[outcome.node]
+            outcome.dest = sink.path
+            if outcome.status is Status.PASS:
+                try:
+                    if outcome.node in broken:
+                        raise filefetch.FetchError(broken[outcome.node])
+                    outcome.changed = sink.finish(outcome.size or 0, bytes.fromhex(outcome.sha256))
+                except filefetch.FetchError as exc:
+                    outcome = failed(outcome.node, str(exc), outcome.via)
+                    outcome.dest = sink.path
+            sink.abort()  # nothing left behind but a landed file
+            return outcome
+
+        try:
+            return await self._run("fetch", names, width,
+                                   NO_TIMEOUT_DEADLINE if deadline is None else deadline,
+                                   {"fetch": spec}, on_result, on_chunk=on_chunk, settle=settle)
+        finally:
+            for sink in sinks.values():
+                sink.abort()
+
+    async def fetch_async(self, nodes: Nodes, src: str, destdir: str, **kw) -> Dict[str, NodeOutcome]:
+        """Bring `src` back from every node to DESTDIR/NODE/basename(src) (like clush --rcopy);
+        see fetch_to_async for the guarantees and the other arguments."""
+        if not isinstance(src, str) or not src.startswith("/") or src.endswith("/"):
+            raise ClientError("fetch source must be the absolute path of a file on the nodes: %r"
+                              % (src,))
+        if not os.path.isdir(destdir):
+            raise ClientError("destination directory %s does not exist" % destdir)
+        names = expand(nodes)
+        bad = [n for n in names if n in (".", "..") or "/" in n or "\0" in n]
+        if bad:
+            raise ClientError("node name %r cannot name a directory under %s" % (bad[0], destdir))
+        base = os.path.basename(src)
+        return await self.fetch_to_async(names, src, lambda n: os.path.join(destdir, n, base), **kw)
+
     # Synchronous forms, for callers without an event loop.
     def exec(self, nodes: Nodes, command, **kw) -> Dict[str, NodeOutcome]:
         return asyncio.run(self.exec_async(nodes, command, **kw))
@@ -324,6 +414,12 @@ class Client:
 
     def copy(self, nodes: Nodes, src: str, dest: str, **kw) -> Dict[str, NodeOutcome]:
         return asyncio.run(self.copy_async(nodes, src, dest, **kw))
+
+    def fetch(self, nodes: Nodes, src: str, destdir: str, **kw) -> Dict[str, NodeOutcome]:
+        return asyncio.run(self.fetch_async(nodes, src, destdir, **kw))
+
+    def fetch_to(self, nodes: Nodes, src, dest, **kw) -> Dict[str, NodeOutcome]:
+        return asyncio.run(self.fetch_to_async(nodes, src, dest, **kw))
 
 
 def secure_client(pki_dir: str = DEFAULT_PKI, **kw) -> Client:

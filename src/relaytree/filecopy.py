@@ -100,20 +100,21 @@ class CopyOutcome:
 # --------------------------------------------------------------------------- helpers
 
 
-def resolve_path(base_dir: Optional[str], path: str) -> str:
+def resolve_path(base_dir: Optional[str], path: str, what: str = "destination path") -> str:
     """Map a request path onto the local filesystem.
 
     ``path`` must be absolute.  It is normalized lexically ('.', '//', '..').
     With ``base_dir`` the result is ``base_dir + path``; a '..' that would climb
     above ``base_dir`` is a :class:`CopyError`.  Without ``base_dir`` a leading
     '/..' stays at '/' as the kernel does.  Symlinks are checked at open time.
+    ``what`` names the path in error messages.
     """
     if not isinstance(path, str) or not path:
-        raise CopyError("destination path is empty")
+        raise CopyError(f"{what} is empty")
     if "\0" in path:
-        raise CopyError(f"destination path {path!r} contains a NUL byte")
+        raise CopyError(f"{what} {path!r} contains a NUL byte")
     if not path.startswith("/"):
-        raise CopyError(f"destination path {path!r} is not absolute")
+        raise CopyError(f"{what} {path!r} is not absolute")
     parts = []
     for comp in path.split("/"):
         if comp in ("", "."):
@@ -122,7 +123,7 @@ def resolve_path(base_dir: Optional[str], path: str) -> str:
             if parts:
                 parts.pop()
             elif base_dir:
-                raise CopyError(f"destination path {path!r} escapes the base directory {base_dir}")
+                raise CopyError(f"{what} {path!r} escapes the base directory {base_dir}")
             continue
         parts.append(comp)
     rel = "/".join(parts)

@@ -37,14 +37,17 @@ Error messages are put on one line (line breaks become " | ").
 Kinds: ``exec`` shows the above. ``copy`` starts each block with
 ``changed: <dest>`` or ``unchanged: <dest>`` (PASS nodes; a failed copy shows
 ``dest: <dest>``, or ``changed: <dest>`` if it changed the file before
-failing). ``ping`` starts each block with ``version V (protocol P)``, then
+failing). ``fetch`` starts each block with ``changed: SIZE bytes, sha256 HEX``
+(or ``unchanged: ...`` when the local file already held that content; PASS
+nodes), so nodes whose files are identical share a block; the local path of
+each node's file (DESTDIR/NODE/NAME) is in the JSON. ``ping`` starts each block with ``version V (protocol P)``, then
 ``hostname``, ``uptime`` and ``load``: exact values for a one-node block; for
 a bigger block the reported hostnames folded with their count, the uptime
 range (``min .. max``) and the 1-minute load range.
 
 Gathering key: nodes share a block iff their status, rc, error, stdout,
 stderr and truncation flags are identical, plus (copy) changed and dest, plus
-(ping) version and protocol version. The block text depends on nothing else.
+(fetch) changed, size and sha256, plus (ping) version and protocol version. The block text depends on nothing else.
 
 Order: blocks are sorted by the first node of their NodeSet, in natural order
 (``cn2`` before ``cn10``, ``10.0.0.9`` before ``10.0.0.10``); the arrival
@@ -97,7 +100,7 @@ __all__ = [
     "to_json",
 ]
 
-KINDS = ("exec", "copy", "ping")
+KINDS = ("exec", "copy", "ping", "fetch")
 SEPARATOR = "-" * 15  # as clush -b
 STATUS_ORDER = (Status.PASS, Status.FAILED, Status.TIMEOUT, Status.UNREACHABLE)
 STDERR_PREFIX = "stderr: "
@@ -234,6 +237,12 @@ def _copy_line(o: NodeOutcome) -> Optional[str]:
     return None
 
 
+def _fetch_line(o: NodeOutcome) -> Optional[str]:
+    if o.status is not Status.PASS or not o.sha256:
+        return None
+    return "%s: %d bytes, sha256 %s" % ("changed" if o.changed else "unchanged", o.size or 0, o.sha256)
+
+
 def _ping_oneline(ping: Dict[str, Any]) -> str:
     parts = [_version_line(ping)]
     if ping.get("hostname"):
@@ -279,8 +288,8 @@ def _entries(o: NodeOutcome, kind: str, ping_lines: Optional[List[str]]) -> List
     ``ping_lines`` replaces the per-node ping info (gathered blocks).
     """
     entries: List[Tuple[str, str]] = []
-    if kind == "copy":
-        line = _copy_line(o)
+    if kind in ("copy", "fetch"):
+        line = _copy_line(o) if kind == "copy" else _fetch_line(o)
         if line:
             entries.append(("out", line))
     elif kind == "ping":
@@ -314,6 +323,8 @@ def _gather_key(o: NodeOutcome, kind: str) -> Hashable:
     )
     if kind == "copy":
         key += (o.changed, o.dest)
+    elif kind == "fetch":
+        key += (o.changed, o.size, o.sha256)
     elif kind == "ping":
         ping = o.ping
         key += (None,) if ping is None else (
@@ -406,8 +417,8 @@ def render_summary(outcomes: Sequence[NodeOutcome], *, kind: Optional[str] = Non
     the error message) is listed, indented, with its node set:
     ``  cn[3,9] (2): connection refused``; nodes without any reason are listed
     as ``(no error message)`` when other nodes of that status have one.
-    With ``kind="copy"`` the PASS line ends with ``changed: nodeset (count)``,
-    or ``unchanged`` when no node changed.
+    With ``kind="copy"`` or ``"fetch"`` the PASS line ends with
+    ``changed: nodeset (count)``, or ``unchanged`` when no node changed.
     """
     if kind is not None:
         _check_kind(kind)
@@ -423,7 +434,7 @@ def render_summary(outcomes: Sequence[NodeOutcome], *, kind: Optional[str] = Non
         folded, count, _ = _fold_count([o.node for o in members])
         line = "%s: %s" % (status.value, _label(folded, count))
         if status is Status.PASS:
-            if kind == "copy":
+            if kind in ("copy", "fetch"):
                 changed = [o.node for o in members if o.changed]
                 if changed:
                     line += " changed: %s" % _label(*_fold_count(changed)[:2])

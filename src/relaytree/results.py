@@ -40,6 +40,8 @@ class NodeOutcome:
     ping: Optional[Dict[str, Any]] = None
     dest: str = ""
     via: str = ""
+    sha256: str = ""  # fetch: hex digest of the content the node sent
+    size: Optional[int] = None  # fetch: bytes the node sent
 
     @property
     def ok(self) -> bool:
@@ -58,6 +60,8 @@ class NodeOutcome:
             elapsed=self.elapsed,
             dest=self.dest,
             via=self.via,
+            sha256=bytes.fromhex(self.sha256),
+            size=self.size or 0,
         )
         if self.rc is not None:
             msg.rc = self.rc
@@ -90,6 +94,8 @@ class NodeOutcome:
             ping=ping,
             dest=msg.dest,
             via=msg.via,
+            sha256=msg.sha256.hex(),
+            size=msg.size if msg.sha256 else None,
         )
 
     def to_dict(self) -> Dict[str, Any]:
@@ -111,6 +117,9 @@ class NodeOutcome:
             out["ping"] = self.ping
         if self.dest:
             out["dest"] = self.dest
+        if self.sha256:
+            out["sha256"] = self.sha256
+            out["size"] = self.size
         out["elapsed"] = round(self.elapsed, 3)
         return out
 

@@ -18,7 +18,7 @@ import grpc.aio
 from google.protobuf.message import DecodeError
 
 import relaytree
-from relaytree import auth, execute, filecopy, tree, wire
+from relaytree import auth, execute, filecopy, filefetch, tree, wire
 from relaytree import stdin as stdin_codec
 from relaytree.results import NodeOutcome, Status, failed
 from relaytree.v1 import relaytree_pb2 as pb
@@ -93,8 +93,9 @@ class Relay:
         self.verifier = verifier
         self._execs: Dict[str, _ExecEntry] = {}
         self._copies: Dict[str, tuple] = {}  # request_id -> (expires, changed) of landed copies
+        self._fetched: Dict[str, float] = {}  # request_id -> expiry, of fetches streamed completely
         self.started = time.time()
-        self.counters: Dict[str, int] = {"exec": 0, "copy": 0, "ping": 0, "refused": 0}
+        self.counters: Dict[str, int] = {"exec": 0, "copy": 0, "ping": 0, "fetch": 0, "refused": 0}
 
     # -- admission ---------------------------------------------------------------------
 
@@ -103,7 +104,10 @@ class Relay:
 
         A command may be re-delivered while it still runs here (the delivery attaches to
         it); a copy until it has landed here (an interrupted copy is received again: same
-        signed content, same destination).  Anything that already ran is not run again.
+        signed content, same destination); a fetch until one delivery of it has been
+        streamed completely from here (a node below a relay that died sends its file again;
+        once the file went up in full, a second delivery is a replay).  Anything that
+        already ran is not run again.
         """
         kind = envelope.WhichOneof("operation")
         if kind == "exec":
@@ -111,6 +115,8 @@ class Relay:
             return entry is not None and not entry.task.done()
         if kind == "copy":
             return envelope.request_id not in self._copies
+        if kind == "fetch":
+            return envelope.request_id not in self._fetched
         return False
 
     def _authenticate(self, request: pb.Request) -> pb.Envelope:
@@ -179,11 +185,13 @@ class Relay:
             connect_timeout=(route.connect_timeout_ms or 5000) / 1000.0,
             batch_ms=route.batch_ms, deadline=loop.time() + remaining, route=route)
 
-    def _fanout(self, op: Admitted, kind: str, emit, feed=None) -> tree.Fanout:
+    def _fanout(self, op: Admitted, kind: str, stream: tree.ResultStream, feed=None) -> tree.Fanout:
+        """The fan-out below this node, sending what its subtree reports up through `stream`."""
         return tree.Fanout(self.pool, kind=kind, envelope=op.envelope_bytes, auth=op.auth,
                            targets=op.children, width=op.width, connect_timeout=op.connect_timeout,
-                           batch_ms=op.batch_ms, deadline=op.deadline, emit=emit, via=op.me,
-                           feed=feed, blobs=op.route.blobs, patches=op.route.stdin)
+                           batch_ms=op.batch_ms, deadline=op.deadline, emit=stream.put, via=op.me,
+                           feed=feed, blobs=op.route.blobs, patches=op.route.stdin,
+                           on_chunk=lambda node, frame: stream.put_chunk(frame), wait_room=stream.room)
 
     async def _serve_unary(self, op: Admitted, kind: str, local):
         """Run `local()` (-> NodeOutcome) here and the fan-out below; yield batches as they come."""
@@ -198,7 +206,7 @@ class Relay:
             outcome.node = op.me
             stream.put(outcome.to_pb())
 
-        async for batch in stream.serve(run_local(), self._fanout(op, kind, stream.put).run()):
+        async for batch in stream.serve(run_local(), self._fanout(op, kind, stream).run()):
             yield batch
 
     # -- exec ----------------------------------------------------------------------------
@@ -262,15 +270,21 @@ class Relay:
     def _node_stdin(self, op: Admitted) -> bytes:
         """This node's own stdin of a per-node-stdin exec, checked against the signature."""
         spec = op.envelope.exec
-        if self.verifier is not None and op.me.lower() not in self.verifier.node_names:
-            # A relay must not hand this node another node's (signed) input.
-            raise stdin_codec.StdinError(
-                "per-node input addressed to %s, but this node is %s (set [auth] node_names)"
-                % (op.me, ", ".join(self.verifier.node_names)))
+        mismatch = self._not_me(op)
+        if mismatch:
+            raise stdin_codec.StdinError("per-node input " + mismatch)
         expected = spec.stdin_sha256.get(op.me)
         if expected is None:
             raise stdin_codec.StdinError("no signed stdin digest for %s" % op.me)
         return stdin_codec.decode(op.me, expected, op.route.blobs, op.route.stdin)
+
+    def _not_me(self, op: Admitted) -> str:
+        """Why this node must not take the per-node part of a request addressed to op.me
+        ("" when it may): a relay must not hand it another node's (signed) part."""
+        if self.verifier is not None and op.me.lower() not in self.verifier.node_names:
+            return "addressed to %s, but this node is %s (set [auth] node_names)" % (
+                op.me, ", ".join(self.verifier.node_names))
+        return ""
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -278,6 +292,8 @@ class Relay:
             del self._execs[key]
         for key in [k for k, v in self._copies.items() if v[0] < now]:
             del self._copies[key]
+        for key in [k for k, expires in self._fetched.items() if expires < now]:
+            del self._fetched[key]
 
     async def Exec(self, request: pb.Request, context):
         op = await self._admit_or_abort(request, context, "exec")
@@ -397,7 +413,7 @@ class Relay:
                 local = None
 
         try:
-            async for batch in stream.serve(receive(), self._fanout(op, "copy", stream.put, feed).run()):
+            async for batch in stream.serve(receive(), self._fanout(op, "copy", stream, feed).run()):
                 yield batch
         finally:
             if local is not None:
@@ -416,6 +432,68 @@ class Relay:
             raise filecopy.CopyError("copy destination %s resolves to %s, which key %s may not write"
                                      % (op.envelope.copy.dest, real, op.auth.key_id))
 
+    # -- fetch ---------------------------------------------------------------------------
+
+    async def Fetch(self, request: pb.Request, context):
+        op = await self._admit_or_abort(request, context, "fetch")
+        error = fetch_request_error(op.envelope.fetch)
+        if error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, error)
+        self._expire()
+        stream = tree.ResultStream(1 + len(op.children), op.batch_ms / 1000.0,
+                                   chunk_window=self.settings.chunk_window)
+        async for item in stream.serve(self._fetch_local(op, stream), self._fanout(op, "fetch", stream).run()):
+            yield item if isinstance(item, bytes) else wire.results_frame(item)
+        # Everything went up (an interrupted delivery never gets here): see _may_redeliver.
+        self._fetched[op.envelope.request_id] = _keep_until(op.envelope)
+
+    async def _fetch_local(self, op: Admitted, stream: tree.ResultStream) -> None:
+        """Stream this node's file up (chunk frames, then its result)."""
+        spec = op.envelope.fetch
+        started = time.monotonic()
+        path = spec.src
+        try:
+            if spec.src_by_node:
+                mismatch = self._not_me(op)
+                if mismatch:
+                    raise filefetch.FetchError("per-node source path " + mismatch)
+                if op.me not in spec.src_by_node:
+                    raise filefetch.FetchError("the request names no source path for %s" % op.me)
+                path = spec.src_by_node[op.me]
+            source = filefetch.FileSource(path, self.settings.base_dir, spec.chunk_size)
+            source.open()
+            try:
+                self._check_resolved_src(op, source)
+                while True:
+                    offset = source.offset
+                    data = source.read_chunk()
+                    if data is None:
+                        break
+                    await stream.put_chunk(wire.chunk_frame(op.me, offset, data))
+            finally:
+                source.close()
+            outcome = NodeOutcome(node=op.me, status=Status.PASS, dest=path, size=source.size,
+                                  sha256=source.sha256.hex())
+        except filefetch.FetchError as exc:
+            outcome = failed(op.me, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug must not cost the subtree
+            log.exception("fetch failed locally")
+            outcome = failed(op.me, "internal error: %s" % exc)
+        outcome.elapsed = time.monotonic() - started
+        stream.put(outcome.to_pb())
+
+    def _check_resolved_src(self, op: Admitted, source: filefetch.FileSource) -> None:
+        """A symlink under an allowed prefix must not lead the fetch outside it."""
+        rule = self.verifier.rule_for(op.auth.key_id) if self.verifier is not None else None
+        if rule is None or rule.fetch_src_prefixes is None:
+            return
+        real = source.real_path
+        if self.settings.base_dir:
+            real = "/" + os.path.relpath(real, os.path.realpath(self.settings.base_dir))
+        if not rule.src_allowed(real):
+            raise filefetch.FetchError("fetch source %s resolves to %s, which key %s may not read"
+                                       % (source.path, real, op.auth.key_id))
+
     async def _admit_or_abort(self, request, context, kind) -> Admitted:
         try:
             return self.admit(request, context, kind)
@@ -424,6 +502,19 @@ class Relay:
             log.warning("refused %s request: %s", kind, exc)
             await context.abort(exc.code, str(exc))
             raise  # not reached: abort raises
+
+
+def fetch_request_error(spec: pb.FetchSpec) -> str:
+    """What is wrong with a fetch request, "" if nothing (checked before any file is opened)."""
+    if not 0 < spec.chunk_size <= MAX_CHUNK:
+        return "chunk size %d out of range (1..%d)" % (spec.chunk_size, MAX_CHUNK)
+    if spec.src and spec.src_by_node:
+        return "fetch request with both a source path and per-node source paths"
+    paths = list(spec.src_by_node.values()) if spec.src_by_node else [spec.src]
+    for path in paths:
+        if not path.startswith("/") or "\0" in path:
+            return "fetch source path %r is not an absolute path" % path[:200]
+    return ""
 
 
 def _handlers(relay: Relay) -> grpc.GenericRpcHandler:
@@ -437,6 +528,8 @@ def _handlers(relay: Relay) -> grpc.GenericRpcHandler:
         "Copy": grpc.stream_stream_rpc_method_handler(
             relay.Copy, request_deserializer=None,
             response_serializer=pb.ResultBatch.SerializeToString),
+        "Fetch": grpc.unary_stream_rpc_method_handler(
+            relay.Fetch, request_deserializer=pb.Request.FromString, response_serializer=None),
     })
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Awaitable, Callable, Dict, List, Optional, Sequence
 
 import grpc
 import grpc.aio
@@ -49,47 +49,93 @@ def child_timeout(remaining: float) -> float:
 
 
 class ResultStream:
-    """Results of a subtree on their way up, gathered for `batch_s` before each send."""
+    """What a subtree sends up: results gathered for `batch_s` before each send, and (fetch)
+    file chunk frames passed through as they come, in the order they were put.
+
+    Memory is bounded.  At most `chunk_window` chunk frames wait here: `put_chunk` waits
+    for room.  Results are put without waiting (one per target, mostly small), but once
+    the results waiting here hold `max_queued` bytes or more, `room()` waits until they
+    have gone up: a relay awaits it before reading more from its children, so gRPC flow
+    control holds the rest of a subtree's big outputs (Ansible's slurp) below.  A result
+    that would make a batch larger than `max_bytes` goes in the next one, so a node's big
+    output travels alone.
+    """
 
     _END = object()
 
-    def __init__(self, expected: int, batch_s: float, max_bytes: int = 4 << 20):
+    def __init__(self, expected: int, batch_s: float, max_bytes: int = 4 << 20,
+                 chunk_window: int = 4, max_queued: int = 64 << 20):
         self._queue: asyncio.Queue = asyncio.Queue()
         self._expected = expected
         self._seen = 0
         self._batch_s = batch_s
         self._max_bytes = max_bytes
+        self._chunk_room = asyncio.Semaphore(max(1, chunk_window))
+        self._max_queued = max_queued
+        self._queued = 0  # bytes of the results waiting here
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._carry = None  # taken from the queue for the next batch
 
     def put(self, result: pb.NodeResult) -> None:
+        # ByteSize serializes (upb): once per result, then carried with it.
+        size = result.ByteSize()
         self._seen += 1
-        self._queue.put_nowait(result)
+        self._queued += size
+        if self._queued >= self._max_queued:
+            self._drained.clear()
+        self._queue.put_nowait((result, size))
+
+    async def put_chunk(self, frame: bytes) -> None:
+        await self._chunk_room.acquire()
+        self._queue.put_nowait(frame)
+
+    async def room(self) -> None:
+        """Return once the results waiting here hold less than `max_queued` bytes."""
+        await self._drained.wait()
 
     def close(self) -> None:
         self._queue.put_nowait(self._END)
 
+    def _taken(self, size: int) -> None:
+        self._queued -= size
+        if self._queued < self._max_queued:
+            self._drained.set()
+
     async def batches(self):
+        """ResultBatch messages and chunk frames (bytes), in order."""
         queue = self._queue
         while True:
-            item = await queue.get()
+            item, self._carry = self._carry, None
+            if item is None:
+                item = await queue.get()
             if item is self._END:
                 return
+            if isinstance(item, bytes):
+                self._chunk_room.release()
+                yield item
+                continue
             # Wait a little for more, unless the whole subtree has already reported.
             if self._batch_s > 0 and self._seen < self._expected:
                 await asyncio.sleep(self._batch_s)
-            batch, size, end = [item], item.ByteSize(), False
+            result, size = item
+            batch, sizes = [result], [size]
             while size < self._max_bytes:
                 try:
                     item = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     break
-                if item is self._END:
-                    end = True
+                if item is self._END or isinstance(item, bytes) or size + item[1] > self._max_bytes:
+                    self._carry = item
                     break
-                batch.append(item)
-                size += item.ByteSize()
-            yield pb.ResultBatch(results=batch)
-            if end:
-                return
+                batch.append(item[0])
+                sizes.append(item[1])
+                size += item[1]
+            message = pb.ResultBatch(results=batch)
+            del batch, result, item  # the batch holds its own copies now
+            yield message
+            del message
+            self._taken(sum(sizes))  # sent: only now may the subtree send more
 
     async def serve(self, *work):
         """Yield batches while the coroutines `work` run (they put results here); the
@@ -212,14 +258,21 @@ class FeedReader:
 class Fanout:
     """Deliver one operation to a list of targets through `width` subtrees.
 
-    kind is "exec", "ping" (unary request, streamed results) or "copy" (chunks from `feed`).
-    `emit` is called with one pb.NodeResult per target, exactly once each.
+    kind is "exec", "ping" (unary request, streamed results), "copy" (chunks from `feed`)
+    or "fetch" (unary request, results and file chunk frames back).
+    `emit` is called with one pb.NodeResult per target, exactly once each.  For a fetch,
+    `on_chunk(node, frame)` is awaited for every chunk frame of a node still waiting for
+    its outcome, in order (it applies back-pressure by taking its time); a node's chunks
+    come before its result, and start again at offset 0 if it is re-dispatched.  A relay
+    passes `wait_room` (ResultStream.room): awaited before each read of a child's stream.
     """
 
     def __init__(self, pool: wire.ChannelPool, *, kind: str, envelope: bytes, auth: pb.Authenticator,
                  targets: Sequence[pb.Target], width: int, connect_timeout: float, batch_ms: int,
                  deadline: float, emit: Callable[[pb.NodeResult], None], via: str = "",
-                 feed: Optional[ChunkFeed] = None, blobs=None, patches=None):
+                 feed: Optional[ChunkFeed] = None, blobs=None, patches=None,
+                 on_chunk: Optional[Callable[[str, bytes], Awaitable[None]]] = None,
+                 wait_room: Optional[Callable[[], Awaitable[None]]] = None):
         self.pool = pool
         self.kind = kind
         self.envelope = envelope
@@ -235,6 +288,8 @@ class Fanout:
         # Per-node stdin (see relaytree.stdin): each subtree gets only its own part.
         self.blobs = blobs or {}
         self.patches = patches or {}
+        self.on_chunk = on_chunk
+        self.wait_room = wait_room
 
     async def run(self) -> None:
         if not self.targets:
@@ -328,12 +383,21 @@ class Fanout:
             if pending.pop(result.node, None) is not None:
                 self.emit(result)
 
+    async def _room(self) -> None:
+        # Callers drop their reference to what they read first: a big result must not
+        # stay alive here while the relay waits for the results above it to go up.
+        if self.wait_room is not None:
+            await self.wait_room()
+
     async def _call(self, channel, pending, timeout: float, readers: list) -> None:
         request = self._request(pending)
         if self.kind == "exec":
             call = wire.exec_method(channel)(request, timeout=timeout)
         elif self.kind == "ping":
             call = wire.ping_method(channel)(request, timeout=timeout)
+        elif self.kind == "fetch":
+            await self._fetch(channel, pending, request, timeout)
+            return
         else:
             if not readers:  # a re-dispatch: start over from chunk 0 (replayed)
                 readers.append(self.feed.reader())
@@ -342,6 +406,27 @@ class Fanout:
         try:
             async for batch in call:
                 self._absorb(pending, batch)
+                del batch
+                await self._room()
+        finally:
+            call.cancel()
+
+    async def _fetch(self, channel, pending, request: pb.Request, timeout: float) -> None:
+        call = wire.fetch_method(channel)(request, timeout=timeout)
+        try:
+            async for frame in call:
+                if frame[:1] == wire.CHUNK_TAG:
+                    # A chunk of a node that is not ours to wait for (reported, or not in
+                    # this subtree) is dropped, like its result would be.
+                    node = wire.chunk_node(frame)
+                    if node in pending:
+                        await self.on_chunk(node, frame)
+                elif frame[:1] == wire.RESULTS_TAG:
+                    self._absorb(pending, wire.parse_results(frame))
+                else:
+                    raise wire.FrameError("unknown frame tag %r" % frame[:1])
+                del frame
+                await self._room()
         finally:
             call.cancel()
 
@@ -365,6 +450,8 @@ class Fanout:
                 if batch is grpc.aio.EOF:
                     break
                 self._absorb(pending, batch)
+                del batch
+                await self._room()
         except grpc.aio.AioRpcError:
             failure = sender.exception() if sender.done() and not sender.cancelled() else None
             if isinstance(failure, (ReplayUnavailable, CopyAborted)):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Dict, Optional
+import struct
+from typing import Dict, Optional, Tuple
 
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 
 from relaytree.v1 import relaytree_pb2 as pb
 
@@ -14,11 +16,17 @@ SERVICE = "relaytree.v1.Relay"
 EXEC = "/%s/Exec" % SERVICE
 PING = "/%s/Ping" % SERVICE
 COPY = "/%s/Copy" % SERVICE
+FETCH = "/%s/Fetch" % SERVICE
 
-# One ResultBatch may carry several nodes' capped outputs; chunks are 1 MiB.
+# Requests (stdin inline) and file chunks (1 MiB) travel in messages up to this size.
 MAX_MESSAGE = 64 << 20
-# Largest per-stream output a request may ask the nodes to keep.
-MAX_OUTPUT_LIMIT = 16 << 20
+# Largest per-stream output a request may ask the nodes to keep.  Big enough for an Ansible
+# module that returns a file in its output (slurp of 100 MiB: 134 MiB of base64); such a
+# result is held whole in memory by the node, each relay on its way up and the root.
+MAX_OUTPUT_LIMIT = 256 << 20
+# Results travel up (node = server -> parent = client) in messages up to this size: one
+# node's stdout and stderr at MAX_OUTPUT_LIMIT each, plus room for the rest of the result.
+MAX_RESULT_MESSAGE = 2 * MAX_OUTPUT_LIMIT + (16 << 20)
 
 _COMMON_OPTIONS = [
     # A fixed 1 MiB HTTP/2 window per stream instead of BDP auto-tuning: the auto-tuned
@@ -26,12 +34,12 @@ _COMMON_OPTIONS = [
     # 200 MiB -> 80 MiB, same wall time); 1 MiB per RTT of 100 us is still 10 GB/s.
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", 1 << 20),
-    ("grpc.max_send_message_length", MAX_MESSAGE),
-    ("grpc.max_receive_message_length", MAX_MESSAGE),
 ]
 
 # Keepalive lets a parent notice a child that vanished without closing its socket.
 CHANNEL_OPTIONS = _COMMON_OPTIONS + [
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.max_receive_message_length", MAX_RESULT_MESSAGE),
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 0),
@@ -40,6 +48,8 @@ CHANNEL_OPTIONS = _COMMON_OPTIONS + [
 ]
 
 SERVER_OPTIONS = _COMMON_OPTIONS + [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_RESULT_MESSAGE),
     # Two daemons on one address must fail, not silently share the port.
     ("grpc.so_reuseport", 0),
     ("grpc.keepalive_permit_without_calls", 0),
@@ -134,3 +144,63 @@ def copy_method(channel: grpc.aio.Channel):
     # Raw frames: the header is a serialized Request, then file chunks as they are.
     return channel.stream_stream(COPY, request_serializer=None,
                                  response_deserializer=pb.ResultBatch.FromString)
+
+
+def fetch_method(channel: grpc.aio.Channel):
+    # Raw tagged frames back: results, or a node's file chunks forwarded as they are.
+    return channel.unary_stream(FETCH, request_serializer=pb.Request.SerializeToString,
+                                response_deserializer=None)
+
+
+# -- Fetch response frames (see the proto) ------------------------------------------------
+
+RESULTS_TAG = b"R"
+CHUNK_TAG = b"C"
+_NAME_LEN = struct.Struct(">H")
+_OFFSET = struct.Struct(">Q")
+
+
+class FrameError(Exception):
+    """A Fetch response frame that does not follow the format."""
+
+
+def results_frame(batch: pb.ResultBatch) -> bytes:
+    return RESULTS_TAG + batch.SerializeToString()
+
+
+def chunk_frame(node: str, offset: int, data: bytes) -> bytes:
+    name = node.encode("utf-8")
+    return b"".join((CHUNK_TAG, _NAME_LEN.pack(len(name)), name, _OFFSET.pack(offset), data))
+
+
+def _chunk_header(frame: bytes) -> Tuple[str, int]:
+    """(node, offset of the u64 offset field) of a chunk frame."""
+    if len(frame) < 1 + _NAME_LEN.size:
+        raise FrameError("truncated chunk frame")
+    (length,) = _NAME_LEN.unpack_from(frame, 1)
+    end = 1 + _NAME_LEN.size + length
+    if len(frame) < end + _OFFSET.size:
+        raise FrameError("truncated chunk frame")
+    try:
+        return frame[1 + _NAME_LEN.size:end].decode("utf-8"), end
+    except UnicodeDecodeError:
+        raise FrameError("chunk frame with a malformed node name") from None
+
+
+def chunk_node(frame: bytes) -> str:
+    """The node whose file a chunk frame carries (header only: the data is not touched)."""
+    return _chunk_header(frame)[0]
+
+
+def parse_chunk(frame: bytes) -> Tuple[str, int, memoryview]:
+    """(node, offset, data) of a chunk frame; data is a view into the frame, not a copy."""
+    node, end = _chunk_header(frame)
+    (offset,) = _OFFSET.unpack_from(frame, end)
+    return node, offset, memoryview(frame)[end + _OFFSET.size:]
+
+
+def parse_results(frame: bytes) -> pb.ResultBatch:
+    try:
+        return pb.ResultBatch.FromString(frame[1:])
+    except DecodeError:
+        raise FrameError("malformed results frame") from None

@@ -31,6 +31,6 @@ def fleet_factory(tmp_path):
 
 def run_cli(*args: str, input: Optional[bytes] = None, timeout: float = 120) -> subprocess.CompletedProcess:
     args = list(args)
-    if args and args[0] in ("exec", "copy", "ping"):
+    if args and args[0] in ("exec", "copy", "ping", "fetch"):
         args.insert(1, "--insecure")  # these fleets run --insecure daemons
     return subprocess.run(RELAYTREE + args, input=input, capture_output=True, timeout=timeout)

@@ -64,6 +64,11 @@ def envelope(clock, op="exec", scope="node[1-4]", validity=300.0, **spec):
         env.copy.CopyFrom(pb.CopySpec(size=3, sha256=hashlib.sha256(b"abc").digest(), **spec))
     elif op == "ping":
         env.ping.CopyFrom(pb.PingSpec())
+    elif op == "fetch":
+        spec.setdefault("chunk_size", 1 << 20)
+        if "src_by_node" not in spec:
+            spec.setdefault("src", "/var/log/messages")
+        env.fetch.CopyFrom(pb.FetchSpec(**spec))
     return auth.stamp(env, validity=validity, clock=clock)
 
 
@@ -431,6 +436,35 @@ def test_copy_destination_and_source_name_sanity(key, clock, verifier):
     for bad in ("../../etc/passwd", "..", "a/b"):
         rejected(verifier, *signed(key, envelope(clock, "copy", dest="/srv/data", src_name=bad)), match="bad source name")
     assert verifier.verify(*signed(key, envelope(clock, "copy", dest="/srv/data", src_name="f.tar")))
+
+
+def test_fetch_follows_exec_unless_told(key, kid, clock):
+    """allow_fetch defaults to allow_exec: exec can read any file anyway, copy cannot."""
+    assert KeyRule().allow_fetch is True and KeyRule(allow_exec=False).allow_fetch is False
+    copy_only = make_verifier(key, clock, Policy({kid: KeyRule(allow_exec=False)}))
+    e = rejected(copy_only, *signed(key, envelope(clock, "fetch")), match=f"^key {kid} may not fetch$")
+    assert e.code == "policy"
+    fetch_only = make_verifier(key, clock, Policy({kid: KeyRule(allow_exec=False, allow_fetch=True)}))
+    assert fetch_only.verify(*signed(key, envelope(clock, "fetch")))
+    no_fetch = make_verifier(key, clock, Policy({kid: KeyRule(allow_fetch=False)}))
+    rejected(no_fetch, *signed(key, envelope(clock, "fetch")), match="may not fetch")
+    assert no_fetch.verify(*signed(key, envelope(clock)))
+
+
+def test_fetch_source_prefixes(key, kid, clock):
+    v = make_verifier(key, clock, Policy({kid: KeyRule(fetch_src_prefixes=["/var/log/"])}))
+    assert v.verify(*signed(key, envelope(clock, "fetch", src="/var/log/slurmd.log")))
+    for src in ("/etc/shadow", "/var/log/../../etc/shadow", "/var/logs/x", "var/log/x"):
+        rejected(v, *signed(key, envelope(clock, "fetch", src=src)), match=f"^fetch source {src} not allowed")
+    # Per-node paths: every one of them must be allowed.
+    mixed = {"node1": "/var/log/a", "node2": "/root/.ssh/id_ed25519"}
+    rejected(v, *signed(key, envelope(clock, "fetch", src_by_node=mixed)), match="/root/.ssh/id_ed25519 not allowed")
+    assert v.verify(*signed(key, envelope(clock, "fetch", src_by_node={"node1": "/var/log/a", "node2": "/var/log/b"})))
+    assert v.rule_for(kid).src_allowed("/var/log/x") and not v.rule_for(kid).src_allowed("/etc/x")
+    p = Policy.from_dict({"keys": {kid: {"allow_fetch": True, "fetch_src_prefixes": ["/var/log"]}}})
+    assert p.rule_for(kid) == KeyRule(allow_fetch=True, fetch_src_prefixes=["/var/log"])
+    with pytest.raises(ValueError, match="fetch source prefix must be an absolute path"):
+        KeyRule(fetch_src_prefixes=["var/log"])
 
 
 def test_run_as_denied(key, kid, clock, restricted):

@@ -26,6 +26,7 @@ from relaytree import client as rclient
 from relaytree.coordinator import operations
 from relaytree.coordinator.batching import RequestError
 from relaytree.coordinator.operations import Spec, TreeOperations, stdin_parts
+from relaytree.coordinator import server as coord_server
 from relaytree.coordinator.server import CoordinatorServer
 from relaytree.results import NodeOutcome, Status
 
@@ -74,6 +75,29 @@ def tree_ops(client):
 
 def server(tree_ops, **kw):
     return CoordinatorServer(operations=tree_ops, **dict({"gap": 10}, **kw))
+
+
+class Writer:
+    """Stands for the socket a reply is written to."""
+
+    def __init__(self):
+        self.data = bytearray()
+        self.writes = 0
+
+    def write(self, data):
+        self.data += data
+        self.writes += 1
+
+    async def drain(self):
+        pass
+
+
+async def as_sent(reply, piece=3 << 20):
+    """The reply as the worker receives it (written by write_reply, parsed back)."""
+    writer = Writer()
+    await coord_server.write_reply(writer, reply, piece)
+    assert writer.data.endswith(b"\n") and writer.data.count(b"\n") == 1
+    return json.loads(writer.data)
 
 
 def req(host, stdin=None, expected=("a", "b", "c"), task="t1", step="exec1", **kw):
@@ -150,7 +174,7 @@ def test_stdin_parts_keep_similar_stdins_together():
 async def test_per_host_stdin_is_one_operation(tree_ops, client):
     c = server(tree_ops)
     futs = [c.submit(req(h, stdin=b"payload for " + h.encode())) for h in "abc"]
-    replies = await asyncio.gather(*futs)
+    replies = [await as_sent(r) for r in await asyncio.gather(*futs)]
     (call,) = client.calls
     assert call["nodes"] == ["a", "b", "c"] and call["stdin"] == b""
     assert call["stdin_by_node"] == {h: b"payload for " + h.encode() for h in "abc"}
@@ -173,7 +197,8 @@ async def test_text_replies_without_raw(tree_ops):
 async def test_large_different_stdins_go_as_several_operations(tree_ops, client, monkeypatch):
     monkeypatch.setattr(operations, "STDIN_BUDGET", 150_000)
     c = server(tree_ops)
-    replies = await asyncio.gather(*[c.submit(req(h, stdin=h.encode() * 100_000)) for h in "abc"])
+    replies = [await as_sent(r, piece=3 * 1000)  # the base64 in many pieces
+               for r in await asyncio.gather(*[c.submit(req(h, stdin=h.encode() * 100_000)) for h in "abc"])]
     assert sorted(len(call["nodes"]) for call in client.calls) == [1, 1, 1]
     for host, reply in zip("abc", replies):
         assert base64.b64decode(reply["outcome"]["stdout_b64"]) == host.encode() * 100_000
@@ -229,13 +254,57 @@ async def test_bad_requests(tree_ops):
         (dict(req("a"), stdin_b64="***"), "bad base64"),
         (dict(req("a", stdin=b"x"), args={"command": "cat", "stdin": "y"}), "not both"),
         (dict(req("a", stdin=b"x"), op="copy"), "stdin_b64 is not for copy requests"),
+        (dict(req("a"), op="exec", src="/x"), "src is not for exec requests"),
+        (dict(req("a"), op="fetch", src="/x", out_path="relative"), "out_path"),
+        (dict(req("a"), op="fetch", src=None, out_path="/tmp/x"), "src"),
     ]:
         with pytest.raises(RequestError, match=message):
             c.submit(bad)
     assert c.batcher.tasks == {}  # refused before anything changed
 
 
+async def test_big_raw_output_is_written_in_pieces():
+    data = bytes(range(256)) * 4001  # not a multiple of the piece: padding only at the end
+    member = coord_server.HostRequest("h", "n", None, raw=True)
+    reply = {"ok": True, "outcome": coord_server._outcome_dict(
+        NodeOutcome(node="n", status=Status.PASS, rc=0, stdout=data, stderr=b"e"), member)}
+    writer = Writer()
+    await coord_server.write_reply(writer, reply, piece=3 * 100)
+    assert writer.writes > 30
+    out = json.loads(writer.data)["outcome"]
+    assert base64.b64decode(out["stdout_b64"]) == data and base64.b64decode(out["stderr_b64"]) == b"e"
+    assert out["node"] == "n" and "stdout" not in out
+
+
 # -- the process, with real daemons ---------------------------------------------------------
+
+
+async def test_fetch_is_one_tree_operation_with_own_sources_and_destinations(fleet_factory, tmp_path):
+    """The relay connection's fetch_file: each host its own src and out_path, one tree fetch per step."""
+    fleet = fleet_factory(3)
+    for d in fleet.daemons:
+        (d.base_dir / "logs").mkdir()
+        (d.base_dir / "logs" / ("%s.log" % d.name)).write_bytes(d.name.encode() * 1000)
+    (fleet.daemons[2].base_dir / "logs" / ("%s.log" % fleet.daemons[2].name)).unlink()
+    c = CoordinatorServer(gap=10)
+    hosts = ["h-" + n for n in fleet.names]
+
+    def fetch(name):
+        return {"op": "fetch", "task": "T", "step": "fetch1", "host": "h-" + name, "node": name,
+                "port": fleet.port, "expected": hosts, "args": {}, "tree": {"insecure": True},
+                "src": "/logs/%s.log" % name, "out_path": str(tmp_path / "h-{}".format(name) / "out.log")}
+
+    replies = await asyncio.gather(*[c.submit(fetch(n)) for n in fleet.names])
+    (op,) = c.stats()["operations"]
+    assert op["op"] == "fetch" and sorted(op["hosts"]) == sorted(hosts) and not op["error"]
+    for name, reply in zip(fleet.names[:2], replies):
+        out = reply["outcome"]
+        path = tmp_path / ("h-" + name) / "out.log"
+        assert out["status"] == "PASS" and out["dest"] == str(path) and out["size"] == 9000, out
+        assert path.read_bytes() == name.encode() * 1000
+    missing = replies[2]["outcome"]
+    assert missing["status"] == "FAILED" and "No such file" in missing["error"], missing
+    assert not (tmp_path / ("h-" + fleet.names[2])).exists()
 
 
 def call(path: str, message: Dict, timeout: float = 60) -> Dict:

@@ -55,10 +55,14 @@ def envelope(names, *, validity=60.0, **operation) -> pb.Envelope:
 
 
 def deliver(fleet, credentials, data: bytes, authenticator, names=None, *, kind="exec",
-            feed=None, width=2):
-    """Send one already-built request down the tree; {name: NodeOutcome}."""
+            feed=None, width=2, chunks=None):
+    """Send one already-built request down the tree; {name: NodeOutcome}.  A fetch's chunk
+    frames go to the list `chunks`."""
     names = names or fleet.names
     outcomes = {}
+
+    async def on_chunk(node, frame):
+        chunks.append(frame)
 
     async def run():
         pool = wire.ChannelPool(credentials)
@@ -66,7 +70,8 @@ def deliver(fleet, credentials, data: bytes, authenticator, names=None, *, kind=
                           targets=[pb.Target(name=n, address="%s:%d" % (n, fleet.port)) for n in names],
                           width=width, connect_timeout=3, batch_ms=2,
                           deadline=asyncio.get_running_loop().time() + 30,
-                          emit=lambda r: outcomes.__setitem__(r.node, NodeOutcome.from_pb(r)), feed=feed)
+                          emit=lambda r: outcomes.__setitem__(r.node, NodeOutcome.from_pb(r)), feed=feed,
+                          on_chunk=on_chunk)
         try:
             await fan.run()
         finally:
@@ -241,6 +246,51 @@ def test_policy_limits_exec_copy_and_symlink_escapes(fleet_factory, pki, tmp_pat
     assert not any((d.base_dir / "etc" / "f").exists() for d in fleet.daemons)
     out = c.copy(fleet.names, str(src), "/srv/ok")
     assert all(o.status is Status.PASS for o in out.values()), out
+
+
+def test_policy_limits_fetch_and_symlink_escapes(fleet_factory, pki, tmp_path):
+    def secure_fleet_with_files(policy):
+        fleet = fleet_factory(2, pki=pki, policy="[auth.policy.default]\nallow_exec = false\n" + policy)
+        for d in fleet.daemons:
+            (d.base_dir / "srv").mkdir()
+            (d.base_dir / "etc").mkdir()
+            (d.base_dir / "etc" / "shadow").write_text("secret")
+            (d.base_dir / "srv" / "ok").write_text("fine on " + d.name)
+            (d.base_dir / "srv" / "link").symlink_to(d.base_dir / "etc" / "shadow")
+        return fleet, rclient.secure_client(str(pki), port=fleet.port)
+
+    dest = tmp_path / "out"
+    dest.mkdir()
+    # A key that may not exec may not fetch either, unless allow_fetch says so.
+    fleet, c = secure_fleet_with_files("")
+    out = c.fetch(fleet.names, "/srv/ok", str(dest))
+    assert all(o.status is Status.FAILED and "may not fetch" in o.error for o in out.values()), out
+    fleet.stop()
+    fleet, c = secure_fleet_with_files('allow_fetch = true\nfetch_src_prefixes = ["/srv"]\n')
+    for src, message in [("/etc/shadow", "not allowed"), ("/srv/../etc/shadow", "not allowed"),
+                         ("/srv/link", "resolves to /etc/shadow")]:
+        out = c.fetch(fleet.names, src, str(dest))
+        assert all(o.status is Status.FAILED and message in o.error for o in out.values()), (src, out)
+    assert not any(p.is_file() for p in dest.rglob("*"))
+    out = c.fetch(fleet.names, "/srv/ok", str(dest))
+    assert all(o.status is Status.PASS for o in out.values()), out
+    assert (dest / fleet.names[1] / "ok").read_text() == "fine on " + fleet.names[1]
+
+
+def test_fetch_replayed_after_it_went_up_is_refused(secure_fleet, pki):
+    for d in secure_fleet.daemons:
+        (d.base_dir / "f").write_bytes(b"content of " + d.name.encode())
+    env = envelope(secure_fleet.names, fetch=pb.FetchSpec(src="/f", chunk_size=4))
+    data = env.SerializeToString()
+    authenticator = auth.sign(data, signing_key(pki))
+    chunks = []
+    first = deliver(secure_fleet, controller_credentials(pki), data, authenticator, kind="fetch", chunks=chunks)
+    assert all(o.status is Status.PASS for o in first.values()), first
+    assert sorted({wire.chunk_node(f) for f in chunks}) == sorted(secure_fleet.names)
+    chunks.clear()
+    again = deliver(secure_fleet, controller_credentials(pki), data, authenticator, kind="fetch", chunks=chunks)
+    assert all(o.status is Status.FAILED and "replayed" in o.error for o in again.values()), again
+    assert chunks == []  # not a byte of any file went out again
 
 
 def test_disk_full_on_one_node(fleet_factory, tmp_path):

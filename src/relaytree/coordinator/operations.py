@@ -26,14 +26,21 @@ missing or null values take the client's defaults for the operation.
   ``extra``: ``checksum`` (sha1, as ``ansible.builtin.copy`` reports it) and
   ``size`` of ``src``.
 * ``ping``: no args.
+* ``fetch`` (the ``relay`` connection's ``fetch_file``): each member brings its own
+  ``src`` (absolute path on its node) and ``out_path`` (local, absolute), outside
+  the identity: the hosts of a step are one tree fetch, each file landing at its
+  host's ``out_path`` (checked, atomic, never partial; ``Client.fetch_to_async``).
+  ``args.chunk_size`` is optional.
 
 Adding an operation is one entry in ``OPERATIONS``: a coroutine that gets a
-``TreeCall`` and returns ``(outcomes by node, extra)``.
+``TreeCall`` and returns ``(outcomes by node, extra)``, plus, for per-host fields
+outside the identity, their names and parser (``own_fields``, ``parse_own``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -42,6 +49,7 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Set, Tuple
 
 from relaytree import client as rclient
 from relaytree import stdin as stdin_codec
+from relaytree.coordinator.batching import RequestError
 from relaytree.results import NodeOutcome
 
 # Per-node stdins travel inside one gRPC request (wire.MAX_MESSAGE is 64 MiB): an exec whose
@@ -95,14 +103,42 @@ class TreeCall:
     nodes: List[str]
     args: Dict[str, Any]
     common: Dict[str, Any]  # keyword arguments of every Client call: deadline, width
-    stdins: Dict[str, bytes] = field(default_factory=dict)  # nodes' own stdins (exec stdin_b64)
+    own: Dict[str, Any] = field(default_factory=dict)  # node -> its host's own part (Operation.parse_own)
     digests: FileDigests = field(default_factory=FileDigests)
 
 
 @dataclass(frozen=True)
 class Operation:
     run: Callable[[TreeCall], Awaitable[Result]]
-    own_stdin: bool = False  # its members may bring their own stdin bytes (stdin_b64)
+    # Request fields a host may bring for itself, outside the operation's identity (its own
+    # stdin, its own paths), and their parser: request, args -> the host's own part, or None.
+    own_fields: Tuple[str, ...] = ()
+    parse_own: Optional[Callable[[Dict[str, Any], Dict[str, Any]], Any]] = None
+
+
+def parse_exec_own(req: Dict[str, Any], args: Dict[str, Any]) -> Optional[bytes]:
+    """The bytes of an exec request's ``stdin_b64``, or None when it has none."""
+    value = req.get("stdin_b64")
+    if value is None:
+        return None
+    if args.get("stdin"):
+        raise RequestError("give args.stdin or stdin_b64, not both")
+    if not isinstance(value, str):
+        raise RequestError("stdin_b64 must be a base64 string")
+    try:
+        return base64.b64decode(value.encode("ascii"), validate=True)
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise RequestError("stdin_b64: bad base64: %s" % exc) from None
+
+
+def parse_fetch_own(req: Dict[str, Any], args: Dict[str, Any]) -> Tuple[str, str]:
+    """(src on the node, local out_path) of a fetch request."""
+    src, out_path = req.get("src"), req.get("out_path")
+    if not isinstance(src, str) or not src.startswith("/"):
+        raise RequestError("fetch: src must be an absolute path on the node, not %r" % (src,))
+    if not isinstance(out_path, str) or not os.path.isabs(out_path):
+        raise RequestError("fetch: out_path must be an absolute local path, not %r" % (out_path,))
+    return src, out_path
 
 
 async def run_exec(call: TreeCall) -> Result:
@@ -111,7 +147,7 @@ async def run_exec(call: TreeCall) -> Result:
     if not isinstance(command, (str, list)):
         raise rclient.ClientError("exec: command must be a string or a list")
     stdin = (args.get("stdin") or "").encode("utf-8")
-    own = call.stdins
+    own = call.own
     if own:  # per-host stdins: one for every node, shared when all equal
         own = {node: own.get(node, stdin) for node in call.nodes}
         if len(set(own.values())) == 1:
@@ -152,11 +188,22 @@ async def run_ping(call: TreeCall) -> Result:
     return await call.client.ping_async(call.nodes, **call.common), {}
 
 
+async def run_fetch(call: TreeCall) -> Result:
+    """One tree fetch for the hosts of a step: each node its own source, each file to its host's out_path."""
+    sources = {node: own[0] for node, own in call.own.items()}
+    outs = {node: own[1] for node, own in call.own.items()}
+    chunk_size = int(call.args.get("chunk_size") or rclient.DEFAULT_CHUNK)
+    return await call.client.fetch_to_async(list(sources), sources, outs, chunk_size=chunk_size, **call.common), {}
+
+
 OPERATIONS: Dict[str, Operation] = {
-    "exec": Operation(run_exec, own_stdin=True),
+    "exec": Operation(run_exec, ("stdin_b64",), parse_exec_own),
     "copy": Operation(run_copy),
     "ping": Operation(run_ping),
+    "fetch": Operation(run_fetch, ("src", "out_path"), parse_fetch_own),
 }
+# Every per-host field some operation knows: one sent to another operation is refused.
+OWN_FIELDS = frozenset(f for operation in OPERATIONS.values() for f in operation.own_fields)
 
 
 def make_client(port: int, tree: Dict[str, Any]) -> rclient.Client:
@@ -174,7 +221,7 @@ class TreeOperations:
         self.client_factory = client_factory
         self.digests = FileDigests()
 
-    async def run(self, spec: Spec, nodes: List[str], stdins: Optional[Dict[str, bytes]] = None) -> Result:
+    async def run(self, spec: Spec, nodes: List[str], own: Optional[Dict[str, Any]] = None) -> Result:
         """Run ``spec`` over ``nodes``; raises ClientError (bad input: nothing was sent) or what the client raised."""
         operation = OPERATIONS.get(spec.op)
         if operation is None:
@@ -183,7 +230,7 @@ class TreeOperations:
         if spec.tree.get("width"):
             common["width"] = int(spec.tree["width"])
         call = TreeCall(self.client_factory(spec.port, spec.tree), list(nodes), spec.args, common,
-                        dict(stdins or {}), self.digests)
+                        dict(own or {}), self.digests)
         return await operation.run(call)
 
 

@@ -14,7 +14,7 @@ Every reply has ``"ok"``; a failed request has ``"ok": false, "error": ...``.
 * ``{"op": <tree operation>, "task", "step", "host", "node", "port", "args",
   "tree", "expected", "alone", "name"}``: one host's part of a task step; the
   tree operations and their ``args``/``tree`` are those of
-  ``relaytree.coordinator.operations`` (``exec``, ``copy``, ``ping``). Requests
+  ``relaytree.coordinator.operations`` (``exec``, ``copy``, ``ping``, ``fetch``). Requests
   with the same task, step and operation (hash of op, port, args, tree) are one
   tree operation over all their ``node``s, dispatched by the rules of
   ``relaytree.coordinator.batching``. The reply
@@ -23,11 +23,13 @@ Every reply has ``"ok"``; a failed request has ``"ok": false, "error": ...``.
   ``seconds`` and the operation's own facts (``copy``: ``checksum``, ``size``).
   An operation that could not run answers every member ``ok: false``.
 
-  Optional fields: ``stdin_b64`` (operations that take a per-host stdin:
-  ``exec``) is this host's own stdin (base64, any bytes), outside the operation
-  hash; it replaces ``args.stdin``. With ``"raw": true`` the reply's outcome
+  Optional fields: a host's own part of an operation, outside the operation
+  hash (``operations.Operation.own_fields``): ``stdin_b64`` (``exec``: this
+  host's own stdin, base64, any bytes; it replaces ``args.stdin``), ``src`` and
+  ``out_path`` (``fetch``: the file on this host's node, and where it lands). With ``"raw": true`` the reply's outcome
   carries ``stdout_b64``/``stderr_b64`` (the exact bytes) instead of the decoded
-  ``stdout``/``stderr``. ``window`` is the size of the worker pool when no
+  ``stdout``/``stderr`` (written in pieces: a module's output may be hundreds of
+  MiB). ``window`` is the size of the worker pool when no
   strategy announced the task: when that many hosts wait in the task, nobody
   else can come. A worker that closes its connection before the reply
   withdraws its request.
@@ -61,13 +63,13 @@ import socket
 import struct
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Deque, Dict, List, Optional, Set
 
 import relaytree
 from relaytree import client as rclient
 from relaytree.coordinator.batching import DEFAULT_EXACT_GAP, DEFAULT_GAP, Batcher, Group, Member, RequestError
-from relaytree.coordinator.operations import OPERATIONS, Spec, TreeOperations
+from relaytree.coordinator.operations import OPERATIONS, OWN_FIELDS, Spec, TreeOperations
 from relaytree.results import NodeOutcome, failed
 
 log = logging.getLogger("relaytree.coordinator")
@@ -83,7 +85,7 @@ class HostRequest(Member):
     """A member that waits for its reply."""
 
     future: "Optional[asyncio.Future[Dict[str, Any]]]" = None
-    stdin: Optional[bytes] = None  # this host's own stdin (stdin_b64), None: args.stdin
+    own: Any = None  # this host's own part (Operation.parse_own: its stdin, its paths), None: none
     raw: bool = False  # reply with stdout_b64/stderr_b64
 
 
@@ -117,12 +119,15 @@ class CoordinatorServer:
         args, tree = req.get("args") or {}, req.get("tree") or {}
         if not isinstance(args, dict) or not isinstance(tree, dict):
             raise RequestError("args and tree must be objects")
-        stdin = _own_stdin(req, op, operation.own_stdin, args)
+        stray = sorted(f for f in OWN_FIELDS if f in req and f not in operation.own_fields)
+        if stray:
+            raise RequestError("%s is not for %s requests" % (stray[0], op))
+        own = operation.parse_own(req, args) if operation.parse_own is not None else None
         window = req.get("window")
         if window is not None and (not _is_int(window) or window < 0):
             raise RequestError("bad window %r" % (window,))
         spec = Spec(op, port, args, tree)
-        member = HostRequest(host, node, asyncio.get_running_loop().create_future(), stdin, bool(req.get("raw")))
+        member = HostRequest(host, node, asyncio.get_running_loop().create_future(), own, bool(req.get("raw")))
         self._launch(self.batcher.submit(task, step, member, key=spec.key(), spec=spec, name=req.get("name"),
                                          expected=[str(h) for h in req.get("expected") or ()], window=window,
                                          alone=bool(req.get("alone"))))
@@ -179,7 +184,7 @@ class CoordinatorServer:
         outcomes: Dict[str, NodeOutcome] = {}
         try:
             outcomes, extra = await self.operations.run(
-                spec, group.nodes, {m.node: m.stdin for m in members if m.stdin is not None})
+                spec, group.nodes, {m.node: m.own for m in members if m.own is not None})
         except rclient.ClientError as exc:
             error = str(exc)
         except Exception as exc:  # pylint: disable=broad-except
@@ -228,8 +233,7 @@ class CoordinatorServer:
                 log.warning("refused a connection from another user")
                 return
             reply = await self._answer(reader)
-            writer.write(json.dumps(reply).encode("utf-8") + b"\n")
-            await writer.drain()
+            await write_reply(writer, reply)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -291,31 +295,52 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _own_stdin(req: Dict[str, Any], op: str, allowed: bool, args: Dict[str, Any]) -> Optional[bytes]:
-    """The bytes of a request's stdin_b64, or None when it has none."""
-    value = req.get("stdin_b64")
-    if value is None:
-        return None
-    if not allowed:
-        raise RequestError("stdin_b64 is not for %s requests" % op)
-    if args.get("stdin"):
-        raise RequestError("give args.stdin or stdin_b64, not both")
-    if not isinstance(value, str):
-        raise RequestError("stdin_b64 must be a base64 string")
-    try:
-        return base64.b64decode(value.encode("ascii"), validate=True)
-    except (ValueError, UnicodeEncodeError) as exc:
-        raise RequestError("stdin_b64: bad base64: %s" % exc) from None
+class Base64:
+    """Bytes that a reply carries base64-encoded, written piece by piece by write_reply (a module's
+    output may be hundreds of MiB: Ansible's slurp): never a second whole copy in memory."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
 
 
 def _outcome_dict(outcome: NodeOutcome, member: HostRequest) -> Dict[str, Any]:
     """A host's outcome in a reply: text output, or the exact bytes (base64) when it asked "raw"."""
-    out = dict(outcome.to_dict(), node=member.node)
-    if member.raw:
-        del out["stdout"], out["stderr"]
-        out["stdout_b64"] = base64.b64encode(outcome.stdout).decode("ascii")
-        out["stderr_b64"] = base64.b64encode(outcome.stderr).decode("ascii")
+    if not member.raw:
+        return dict(outcome.to_dict(), node=member.node)
+    out = dict(replace(outcome, stdout=b"", stderr=b"").to_dict(), node=member.node)
+    del out["stdout"], out["stderr"]
+    out["stdout_b64"] = Base64(outcome.stdout)
+    out["stderr_b64"] = Base64(outcome.stderr)
     return out
+
+
+async def write_reply(writer: asyncio.StreamWriter, reply: Dict[str, Any], piece: int = 3 << 20) -> None:
+    """Write one reply as a JSON line; Base64 values are encoded and sent `piece` bytes at a time."""
+    blobs: List[bytes] = []
+    token = os.urandom(8).hex()
+
+    def placeholder(value: Any) -> str:
+        if not isinstance(value, Base64):
+            raise TypeError("cannot send %s in a reply" % type(value).__name__)
+        blobs.append(value.data)
+        return "%s:%d" % (token, len(blobs) - 1)
+
+    text = json.dumps(reply, default=placeholder).encode("utf-8")
+    parts = re.split(b'"%s:([0-9]+)"' % token.encode("ascii"), text) if blobs else [text]
+    for i, part in enumerate(parts):
+        if i % 2 == 0:
+            writer.write(part)
+            continue
+        data = memoryview(blobs[int(part)])
+        writer.write(b'"')
+        for start in range(0, len(data), piece):  # piece: a multiple of 3, no padding inside
+            writer.write(base64.b64encode(data[start:start + piece]))
+            await writer.drain()
+        writer.write(b'"')
+    writer.write(b"\n")
+    await writer.drain()
 
 
 def _text(req: Dict[str, Any], key: str) -> str:

@@ -35,7 +35,7 @@ class Target(_message.Message):
     def __init__(self, name: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
 
 class Envelope(_message.Message):
-    __slots__ = ("protocol_version", "controller_version", "request_id", "not_after_ms", "nonce", "scope", "exec", "copy", "ping")
+    __slots__ = ("protocol_version", "controller_version", "request_id", "not_after_ms", "nonce", "scope", "exec", "copy", "ping", "fetch")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CONTROLLER_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class Envelope(_message.Message):
     EXEC_FIELD_NUMBER: _ClassVar[int]
     COPY_FIELD_NUMBER: _ClassVar[int]
     PING_FIELD_NUMBER: _ClassVar[int]
+    FETCH_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     controller_version: str
     request_id: str
@@ -54,7 +55,8 @@ class Envelope(_message.Message):
     exec: ExecSpec
     copy: CopySpec
     ping: PingSpec
-    def __init__(self, protocol_version: _Optional[int] = ..., controller_version: _Optional[str] = ..., request_id: _Optional[str] = ..., not_after_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ..., scope: _Optional[str] = ..., exec: _Optional[_Union[ExecSpec, _Mapping]] = ..., copy: _Optional[_Union[CopySpec, _Mapping]] = ..., ping: _Optional[_Union[PingSpec, _Mapping]] = ...) -> None: ...
+    fetch: FetchSpec
+    def __init__(self, protocol_version: _Optional[int] = ..., controller_version: _Optional[str] = ..., request_id: _Optional[str] = ..., not_after_ms: _Optional[int] = ..., nonce: _Optional[bytes] = ..., scope: _Optional[str] = ..., exec: _Optional[_Union[ExecSpec, _Mapping]] = ..., copy: _Optional[_Union[CopySpec, _Mapping]] = ..., ping: _Optional[_Union[PingSpec, _Mapping]] = ..., fetch: _Optional[_Union[FetchSpec, _Mapping]] = ...) -> None: ...
 
 class Argv(_message.Message):
     __slots__ = ("args",)
@@ -140,6 +142,23 @@ class PingSpec(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class FetchSpec(_message.Message):
+    __slots__ = ("src", "src_by_node", "chunk_size")
+    class SrcByNodeEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SRC_FIELD_NUMBER: _ClassVar[int]
+    SRC_BY_NODE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    src: str
+    src_by_node: _containers.ScalarMap[str, str]
+    chunk_size: int
+    def __init__(self, src: _Optional[str] = ..., src_by_node: _Optional[_Mapping[str, str]] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+
 class Authenticator(_message.Message):
     __slots__ = ("key_id", "signature")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
@@ -203,7 +222,7 @@ class PingInfo(_message.Message):
     def __init__(self, version: _Optional[str] = ..., protocol_version: _Optional[int] = ..., hostname: _Optional[str] = ..., uptime: _Optional[float] = ..., load: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class NodeResult(_message.Message):
-    __slots__ = ("node", "status", "rc", "stdout", "stderr", "stdout_truncated", "stderr_truncated", "changed", "error", "elapsed", "ping", "dest", "via")
+    __slots__ = ("node", "status", "rc", "stdout", "stderr", "stdout_truncated", "stderr_truncated", "changed", "error", "elapsed", "ping", "dest", "via", "sha256", "size")
     NODE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     RC_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +236,8 @@ class NodeResult(_message.Message):
     PING_FIELD_NUMBER: _ClassVar[int]
     DEST_FIELD_NUMBER: _ClassVar[int]
     VIA_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
     node: str
     status: Status
     rc: int
@@ -230,7 +251,9 @@ class NodeResult(_message.Message):
     ping: PingInfo
     dest: str
     via: str
-    def __init__(self, node: _Optional[str] = ..., status: _Optional[_Union[Status, str]] = ..., rc: _Optional[int] = ..., stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., stdout_truncated: bool = ..., stderr_truncated: bool = ..., changed: bool = ..., error: _Optional[str] = ..., elapsed: _Optional[float] = ..., ping: _Optional[_Union[PingInfo, _Mapping]] = ..., dest: _Optional[str] = ..., via: _Optional[str] = ...) -> None: ...
+    sha256: bytes
+    size: int
+    def __init__(self, node: _Optional[str] = ..., status: _Optional[_Union[Status, str]] = ..., rc: _Optional[int] = ..., stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., stdout_truncated: bool = ..., stderr_truncated: bool = ..., changed: bool = ..., error: _Optional[str] = ..., elapsed: _Optional[float] = ..., ping: _Optional[_Union[PingInfo, _Mapping]] = ..., dest: _Optional[str] = ..., via: _Optional[str] = ..., sha256: _Optional[bytes] = ..., size: _Optional[int] = ...) -> None: ...
 
 class ResultBatch(_message.Message):
     __slots__ = ("results",)

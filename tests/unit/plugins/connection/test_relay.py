@@ -1,7 +1,7 @@
-"""hpc.relaytree.relay connection plugin: request building, result mapping, become, transfer scripts.
+"""hpc.relaytree.relay connection plugin: request building, result mapping, become, file transfers.
 
-The coordinator is replaced by a recorder; the shell scripts that run on the nodes are run here
-with /bin/sh, as the daemon would.
+The coordinator is replaced by a recorder; the shell script that runs commands on the nodes is run
+here with /bin/sh, as the daemon would.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def test_command_results_and_errors():
         relay.command_result(outcome(None, status="TIMEOUT", error="timed out after 1.0s"), "cn7")
     with pytest.raises(AnsibleError, match="cannot run the command on cn7 as bob: unknown user 'bob'"):
         relay.command_result(outcome(None, status="FAILED", error="unknown user 'bob'"), "cn7", "bob")
-    with pytest.raises(AnsibleError, match="stdout of the command on cn7 is larger than 16 MiB"):
+    with pytest.raises(AnsibleError, match="stdout of the command on cn7 is larger than 256 MiB"):
         relay.command_result(outcome(0, stdout_truncated=True), "cn7")
 
 
@@ -229,117 +229,56 @@ def test_become_runs_the_wrapped_command_as_become_user():
 # -- put_file -------------------------------------------------------------------------------
 
 
-def test_put_small_file_through_stdin(tmp_path):
+def test_put_file_is_one_tree_copy(tmp_path):
     src = tmp_path / "src"
     src.write_bytes(b"line\n\x00\xff")
     conn, rec = make_connection()
     conn.put_file(str(src), "/root/.ansible/tmp/ansible-tmp-1-2-3/source")
     (msg,) = rec.messages
-    assert msg["step"] == "put1" and msg["args"]["command"] == relay.script("relaytree-put", relay.PUT_SCRIPT)
-    stdin = base64.b64decode(msg["stdin_b64"])
-    assert stdin == b"/root/.ansible/tmp/ansible-tmp-1-2-3/source\n" + src.read_bytes()
-    # and the script writes exactly that file
-    dest = tmp_path / "dest file"
-    assert sh(msg["args"]["command"], str(dest).encode() + b"\n" + src.read_bytes())[0] == 0
-    assert dest.read_bytes() == src.read_bytes()
+    assert msg["op"] == "copy" and msg["step"] == "put1"
+    assert msg["args"] == {"src": str(src), "dest": "/root/.ansible/tmp/ansible-tmp-1-2-3/source"}
+    assert "stdin_b64" not in msg
+    # Another host putting the same file to the same path asks for the very same operation.
+    other, other_rec = make_connection(host_vars={"inventory_hostname": "cn8"})
+    other.put_file(str(src), "/root/.ansible/tmp/ansible-tmp-1-2-3/source")
+    assert other_rec.messages[0]["args"] == msg["args"]
 
 
-def test_put_path_with_newline_goes_as_argument(tmp_path):
-    dest = tmp_path / "a\nb"
-    stdin, argv = relay.paths_on_stdin(str(dest))
-    assert stdin == b"" and argv == [str(dest)]
-    assert sh(relay.script("relaytree-put", relay.PUT_SCRIPT, *argv), b"data")[0] == 0
-    assert dest.read_bytes() == b"data"
-
-
-def test_put_missing_and_failing(tmp_path):
-    conn, _rec = make_connection([outcome(2, b"", b"cannot create /x/y: Directory nonexistent")])
+def test_put_missing_failing_and_unreachable(tmp_path):
+    conn, _rec = make_connection([outcome(None, status="FAILED", error="parent directory /x of /x/y does not exist"),
+                                  outcome(None, status="UNREACHABLE", error="connection refused")])
     with pytest.raises(AnsibleFileNotFound):
         conn.put_file(str(tmp_path / "missing"), "/x/y")
     (tmp_path / "f").write_text("x")
-    with pytest.raises(AnsibleError, match="failed to transfer .* Directory nonexistent"):
+    with pytest.raises(AnsibleError, match="failed to transfer .* to /x/y on 10.0.0.7: parent directory /x"):
         conn.put_file(str(tmp_path / "f"), "/x/y")
-
-
-def test_put_large_file_by_shared_tree_copy(tmp_path):
-    src = tmp_path / "big"
-    src.write_bytes(b"b" * 100)
-    conn, rec = make_connection(host_vars={"relaytree_put_inline_limit": 10})
-    conn.put_file(str(src), "/root/.ansible/tmp/ansible-tmp-1-2-3/source")
-    copy, move = rec.messages
-    assert copy["op"] == "copy" and copy["step"] == "copy1" and copy["args"]["src"] == str(src)
-    staging = copy["args"]["dest"]
-    assert staging.startswith("/root/.ansible/tmp/.relaytree-put-") and copy["args"]["mkdirs"] is True
-    # another host of the task, with its own temp dir: the same staging name, so one tree copy
-    other, other_rec = make_connection(host_vars={"relaytree_put_inline_limit": 10, "inventory_hostname": "cn8"})
-    other.put_file(str(src), "/root/.ansible/tmp/ansible-tmp-4-5-6/source")
-    assert other_rec.messages[0]["args"] == copy["args"]
-    assert move["step"] == "move1" and move["args"]["cwd"] == "/"
-    assert base64.b64decode(move["stdin_b64"]) == (staging.lstrip("/") + "\n/root/.ansible/tmp/ansible-tmp-1-2-3/source\n").encode()
-
-
-def test_put_large_file_falls_back_to_own_staging(tmp_path):
-    """The shared staging name was taken by another node (shared directory): copy again, own name."""
-    src = tmp_path / "big"
-    src.write_bytes(b"b" * 100)
-    conn, rec = make_connection([outcome(), outcome(1, b"", b"mv: cannot stat"), outcome(), outcome()],
-                                host_vars={"relaytree_put_inline_limit": 10})
-    conn.put_file(str(src), "/root/.ansible/tmp/ansible-tmp-1-2-3/source")
-    steps = [m["step"] for m in rec.messages]
-    assert steps == ["copy1", "move1", "copy2", "move2"]
-    assert rec.messages[2]["args"]["dest"].startswith("/root/.ansible/tmp/ansible-tmp-1-2-3/source.relaytree-")
-    # outside an Ansible temp dir there is no shared name
-    assert relay.shared_staging_path("/etc/motd", str(src), os.stat(src), "k") is None
-
-
-def test_move_script(tmp_path):
-    (tmp_path / "staging").write_text("content")
-    target = tmp_path / "out" / "final"
-    target.parent.mkdir()
-    stdin, argv = relay.paths_on_stdin("staging", str(target))
-    assert sh(relay.script("relaytree-put", relay.MOVE_SCRIPT, *argv), stdin, cwd=tmp_path)[0] == 0
-    assert target.read_text() == "content" and not (tmp_path / "staging").exists()
-    rc, _out, err = sh(relay.script("relaytree-put", relay.MOVE_SCRIPT), stdin, cwd=tmp_path)
-    assert rc != 0 and b"staging" in err
+    with pytest.raises(AnsibleConnectionFailure, match="10.0.0.7 unreachable: connection refused"):
+        conn.put_file(str(tmp_path / "f"), "/x/y")
+    with pytest.raises(AnsibleError, match="relative path"):
+        conn.put_file(str(tmp_path / "f"), "x/y")
 
 
 # -- fetch_file -----------------------------------------------------------------------------
 
 
-def test_fetch_in_pieces(tmp_path, monkeypatch):
-    data = os.urandom((2 << 20) + 12345)
-    src = tmp_path / "remote.bin"
-    src.write_bytes(data)
-    monkeypatch.setattr(relay, "FETCH_BLOCKS", 1)  # 1 MiB pieces: three requests
-    conn, rec = make_connection()
-
-    def answer(message, timeout=None):
-        rec.messages.append(message)
-        rc, out, err = sh(message["args"]["command"], base64.b64decode(message.get("stdin_b64") or ""))
-        assert len(out) <= message["args"]["output_limit"]
-        return {"ok": True, "outcome": dict(outcome(rc, out, err), node=message["node"])}
-
-    rec.call = answer
-    dest = tmp_path / "fetched"
-    conn.fetch_file(str(src), str(dest))
-    assert dest.read_bytes() == data
-    assert [m["step"] for m in rec.messages] == ["fetch1", "fetch2", "fetch3"]
-    assert len({m["args"]["command"][2] for m in rec.messages[1:]}) == 1  # same command line for every host
-
-    with pytest.raises(AnsibleError, match="no such file"):
-        conn.fetch_file(str(tmp_path / "missing"), str(dest))
-    with pytest.raises(AnsibleError, match="is a directory"):
-        conn.fetch_file(str(tmp_path), str(dest))
-    conn.set_options(var_options=dict(HOST_VARS, relaytree_fetch_limit=100))
-    with pytest.raises(AnsibleError, match="more than the fetch limit of 100 bytes"):
-        conn.fetch_file(str(src), str(dest))
-    assert dest.read_bytes() == data  # untouched
+def test_fetch_file_is_one_tree_fetch(tmp_path):
+    conn, rec = make_connection([outcome(None, status="PASS", dest=str(tmp_path / "out"), size=3, sha256="ab")])
+    conn.fetch_file("/var/log/messages", str(tmp_path / "out"))
+    (msg,) = rec.messages
+    assert msg["op"] == "fetch" and msg["step"] == "fetch1" and msg["args"] == {}
+    # Source and destination are the host's own, outside the arguments: the hosts of a step are one fetch.
+    assert msg["src"] == "/var/log/messages" and msg["out_path"] == str(tmp_path / "out")
 
 
-def test_fetch_size_parsing():
-    assert relay.fetch_size(b"5\nhello", "/f", "cn1") == (5, b"hello")
-    with pytest.raises(AnsibleError, match="cannot read the size"):
-        relay.fetch_size(b"garbage", "/f", "cn1")
+def test_fetch_file_errors(tmp_path):
+    conn, _rec = make_connection([outcome(None, status="FAILED", error="cannot open /f: No such file or directory"),
+                                  outcome(None, status="UNREACHABLE", error="relay cn3 failed")])
+    with pytest.raises(AnsibleError, match="failed to fetch /f on 10.0.0.7: cannot open /f: No such file"):
+        conn.fetch_file("/f", str(tmp_path / "out"))
+    with pytest.raises(AnsibleConnectionFailure, match="unreachable: relay cn3 failed"):
+        conn.fetch_file("/f", str(tmp_path / "out"))
+    with pytest.raises(AnsibleError, match="relative path"):
+        conn.fetch_file("f", str(tmp_path / "out"))
 
 
 # -- close, reset ---------------------------------------------------------------------------
