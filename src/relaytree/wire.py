@@ -8,6 +8,7 @@ from typing import Dict, Optional
 import grpc
 import grpc.aio
 
+from relaytree import execute
 from relaytree.v1 import relaytree_pb2 as pb
 
 SERVICE = "relaytree.v1.Relay"
@@ -18,7 +19,7 @@ COPY = "/%s/Copy" % SERVICE
 # One ResultBatch may carry several nodes' capped outputs; chunks are 1 MiB.
 MAX_MESSAGE = 64 << 20
 # Largest per-stream output a request may ask the nodes to keep.
-MAX_OUTPUT_LIMIT = 16 << 20
+MAX_OUTPUT_LIMIT = execute.MAX_OUTPUT_LIMIT
 
 _COMMON_OPTIONS = [
     # A fixed 1 MiB HTTP/2 window per stream instead of BDP auto-tuning: the auto-tuned
