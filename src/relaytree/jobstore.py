@@ -47,7 +47,9 @@ __all__ = ["JobError", "JobStore", "Retention", "SCHEMA_VERSION"]
 SCHEMA_VERSION = 1
 #: Finished jobs deleted at most per transaction (bounded work per job).
 PURGE_BATCH = 16
-#: Free pages that trigger an incremental vacuum step after a purge, and the step.
+#: Every VACUUM_EVERY purges, free pages beyond VACUUM_THRESHOLD are given back,
+#: VACUUM_PAGES at most (deleted rows' pages are reused by new rows meanwhile).
+VACUUM_EVERY = 32
 VACUUM_THRESHOLD = 256
 VACUUM_PAGES = 256
 #: WAL file size kept after a checkpoint (it is reused, not grown, below this).
@@ -130,6 +132,7 @@ class JobStore:
         self.finished_count = 0
         self.finished_bytes = 0
         self.oldest_end: Optional[float] = None
+        self._purges = 0
 
     # -- open / close ---------------------------------------------------------------
 
@@ -261,7 +264,9 @@ class JobStore:
             self.finished_count, self.finished_bytes, self.oldest_end = counters
             raise
         if purged:
-            self._vacuum_step()
+            self._purges += 1
+            if self._purges % VACUUM_EVERY == 0:
+                self._vacuum_step()
         return result, purged
 
     def insert(self, fields: Dict[str, Any], now: float, retention: Retention) -> Tuple[int, List[int]]:
@@ -271,10 +276,10 @@ class JobStore:
         return self._write(lambda db: db.execute(sql, [fields[n] for n in names]).lastrowid, now, retention)
 
     def update(self, seq: int, fields: Dict[str, Any]) -> None:
-        """Change an unfinished job (one transaction)."""
+        """Change an unfinished job (one statement: its own transaction)."""
         names = sorted(fields)
         sql = "UPDATE jobs SET %s WHERE seq = ?" % ",".join("%s = ?" % n for n in names)
-        self._write(lambda db: db.execute(sql, [fields[n] for n in names] + [seq]), 0.0, None)
+        self._db().execute(sql, [fields[n] for n in names] + [seq])
 
     def finish(self, seq: int, fields: Dict[str, Any], now: float, retention: Retention) -> List[int]:
         """Record a job's end (fields must set end_time and stored_bytes); purged seqs."""
@@ -291,8 +296,10 @@ class JobStore:
         return self._write(work, now, retention)[1]
 
     def purge(self, now: float, retention: Retention) -> List[int]:
-        """A purge step on its own (at start, for instance)."""
-        return self._write(lambda db: None, now, retention)[1]
+        """A purge step on its own (at start, for instance), with a vacuum step."""
+        purged = self._write(lambda db: None, now, retention)[1]
+        self._vacuum_step()
+        return purged
 
     def _over(self, retention: Retention, now: float) -> bool:
         return (self.finished_count > retention.keep or self.finished_bytes > retention.max_output_bytes
