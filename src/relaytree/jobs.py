@@ -285,7 +285,12 @@ def _find_wrapper(marker: str) -> Optional[int]:
         except OSError:
             continue
         if len(args) > 3 and args[3] == want:
-            return int(name)
+            try:  # the wrapper leads its group; a child forked by it (not yet exec'd) does not
+                with open(f"/proc/{name}/stat", "rb") as fh:
+                    if fh.read().rsplit(b")", 1)[1].split()[2] == name.encode():
+                        return int(name)
+            except (OSError, IndexError):
+                continue
     return None
 
 
@@ -611,7 +616,8 @@ class JobManager:
                 job = _Job(self._loop, seq, job_id, 0, json.loads(row["spec"]), self._dir(seq))
                 job.spec_bytes = row["stored_bytes"]
                 try:  # written first: on a store error the job stays queued, nothing changed
-                    self._conclude(job, KILLED, None, "killed before it started", strict=True)
+                    self._conclude(job, KILLED, None, "killed before it started", {"kill_reason": "kill"},
+                                   strict=True)
                 except (sqlite3.Error, OSError) as exc:
                     raise JobError(f"job {job_id} stays queued: its kill could not be recorded: {exc}",
                                    "no_space" if is_full(exc) else "store") from None
@@ -655,7 +661,7 @@ class JobManager:
     def _cancel_start(self, job: _Job, state: str, error: str) -> None:
         if job.start_task is not None:
             job.start_task.cancel()
-        self._conclude(job, state, None, error)
+        self._conclude(job, state, None, error, {"kill_reason": "kill" if state == KILLED else "timeout"})
         self._schedule()
 
     # -- scheduling and starting -----------------------------------------------------------
@@ -861,10 +867,14 @@ class JobManager:
             except ChildProcessError:
                 pass
         rc = _read_rc(os.path.join(job.dir, _RC_FILE))
-        why = ""
-        if rc is None and status is not None and status < 0:
-            why = f"its wrapper was {execute._describe_signal(status)} before it could record the exit status"
-        self._conclude(job, *self._end_state(job, rc, why))
+        why = note = ""
+        if rc is None and status is not None:
+            if status < 0:
+                why = f"its wrapper was {execute._describe_signal(status)} before it could record the exit status"
+            else:  # the wrapper exits with the command's status: the file write failed (full disk?)
+                rc, note = status, f"exit status from the wrapper: it could not write it to {job.dir}"
+        state, rc, error = self._end_state(job, rc, why)
+        self._conclude(job, state, rc, "; ".join(filter(None, (error, note))))
         self._kill_leftovers(job)
         self._schedule()
 

@@ -334,6 +334,7 @@ async def test_kill_running_and_queued(managers, tmp_path):
     assert rec.state == RUNNING
     killed = await m.kill("wait")
     assert (killed.state, killed.start_time, killed.error) == (KILLED, None, "killed before it started")
+    assert killed.kill_requested
     killed = await m.kill("run")
     assert killed.state == KILLED and killed.kill_requested and killed.error == "killed on request"
     assert not group_alive(rec.pid)
@@ -654,6 +655,22 @@ async def test_full_disk(managers, small_fs, monkeypatch, via):
     await m.close()
     m = await managers(state_dir=small_fs / "state")  # and the store reopens with everything
     assert [r.id for r in m.list()] == ["ok0", "ok1", "ok2", "full"]
+
+
+async def test_full_disk_while_a_job_ends(managers, small_fs):
+    """The wrapper cannot write the status: its own exit status (the command's) is used."""
+    m = await managers(state_dir=small_fs / "state")
+    filler = small_fs / "filler"
+    await m.submit(JobSpec(id="filler", shell=f"cat /dev/zero > {filler}; exit 6"))
+    rec = await finished(m, "filler")
+    assert (rec.state, rec.rc) == (FAILED, 6) and "could not write it" in rec.error
+    os.unlink(filler)
+    await m.submit(JobSpec(id="after", shell="true"))  # writes any end that could not be written
+    await finished(m, "after")
+    await m.close()
+    m = await managers(state_dir=small_fs / "state")
+    rec = m.get("filler")
+    assert (rec.state, rec.rc) == (FAILED, 6) and "could not write it" in rec.error
 
 
 async def test_corrupt_store_is_refused_and_kept(tmp_path):
