@@ -110,8 +110,8 @@ def open_gate(tmp_path: Path, name: str) -> None:
 
 
 @pytest.fixture
-def managers(tmp_path):
-    """make(state_dir=..., **kw) -> started JobManager; all closed (and their jobs killed) at the end."""
+async def managers(tmp_path):
+    """make(state_dir=..., **kw) -> started JobManager; at the end their jobs are killed, they are closed."""
     made: List[JobManager] = []
 
     async def make(state_dir: Optional[Path] = None, **kw) -> JobManager:
@@ -126,6 +126,7 @@ def managers(tmp_path):
     for m in made:
         if m._loop is not None and not m._closing:
             kill_job_groups([j.pid for j in m._active.values()])
+            await m.close()
 
 
 async def finished(m: JobManager, job_id: str):
