@@ -44,7 +44,8 @@ What a caller can rely on:
   does not inherit that) so that a signal to the whole group still records
   the command's status.  ``env`` comes on top of the daemon's environment,
   with the user's HOME/USER/LOGNAME when it runs as another ``user`` (exactly
-  as :func:`relaytree.execute.run_command`), plus ``RELAYTREE_JOB_ID``.
+  as :func:`relaytree.execute.run_command`), plus ``RELAYTREE_JOB_ID``; the
+  daemon's environment is the one it had at :meth:`start`.
   ``cwd`` is resolved under the daemon's ``base_dir`` like exec's.  Stopping
   the daemon (:meth:`close`, SIGTERM, kill -9, an upgrade) never kills a job.
 * **Re-adoption.** The store keeps each running job's pid, the process start
@@ -154,19 +155,26 @@ START_WAIT = 1.0
 #: Purge steps at most at start (a lowered bound is reached over the next activity).
 START_PURGE_STEPS = 64
 
-# The wrapper: fd 0 arrives as the exit-status file (Popen cannot place an fd at
-# 3 without a preexec_fn, which would cost a Python callback per fork); it is
+# The wrapper: fd 0 arrives as the exit-status file (neither posix_spawn's nor
+# Popen's API places an fd at 3 without a Python callback in the child); it is
 # moved to fd 3, stdin becomes /dev/null, and the command runs with fd 3 closed.
-# Caught (not ignored) signals reset to their default in the command.
-# $1 is the job id, exported here so that the daemon can pass env=None (no per-job
-# environment to build and encode: 0.2-0.3 ms of the daemon's CPU per job).
-_WRAPPER = ('exec 3>&0 </dev/null; RELAYTREE_JOB_ID=$1; export RELAYTREE_JOB_ID; shift; '
+# Caught (not ignored) signals reset to their default in the command.  $1 is the
+# job id, exported here so that the daemon passes its own environment as is (no
+# per-job environment to build and encode: 0.2-0.3 ms of the daemon's CPU per
+# job); $2 is the cwd (posix_spawn has no chdir): "cd" in the status file says
+# the command never ran because of it.
+_WRAPPER = ('exec 3>&0 </dev/null; RELAYTREE_JOB_ID=$1; export RELAYTREE_JOB_ID; '
+            'cd -- "$2" || { echo cd >&3; exit 126; }; shift 2; '
             'trap : HUP INT TERM; "$@" 3>&-; r=$?; echo $r >&3; exit $r')
+_CD_FAILED = "cd"
 _MARKER = "relaytree-job"  # $0 of the wrapper: relaytree-job:<store id>:<n>
 _STREAMS = ("stdout", "stderr")
 _RC_FILE = "rc"
 
 _HAVE_PIDFD = hasattr(os, "pidfd_open")
+_HAVE_SPAWN = hasattr(os, "posix_spawn")
+# What Popen's restore_signals resets in a child: Python ignores them, a command must not.
+_DEFAULT_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
 # --------------------------------------------------------------------------
@@ -294,12 +302,38 @@ def _find_wrapper(marker: str) -> Optional[int]:
     return None
 
 
-def _read_rc(path: str) -> Optional[int]:
+def _read_status(path: str) -> Optional[str]:
+    """What the wrapper wrote: an exit status, _CD_FAILED, or None (nothing)."""
     try:
         with open(path, "rb") as fh:
-            return int(fh.read(16).strip())
-    except (OSError, ValueError):
+            text = fh.read(16).strip().decode("ascii")
+    except (OSError, UnicodeDecodeError):
         return None
+    return text if text == _CD_FAILED or text.isdigit() else None
+
+
+def _first_line(path: str) -> str:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(512).split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
+def _cloexec_inherited() -> None:
+    """Mark every descriptor the daemon inherited (>= 3) close-on-exec: posix_spawn
+    has no close_fds, and jobs must not get, say, a pipe of whoever started the daemon."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return
+    for name in names:
+        fd = int(name)
+        if fd > 2:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass  # the listing's own descriptor, closed meanwhile
 
 
 def _describe_rc(rc: int) -> str:
@@ -321,7 +355,10 @@ class _Job:
         self.spec_bytes = 0
         self.pid: Optional[int] = None  # the wrapper = the process group
         self.pid_start: Optional[int] = None
-        self.popen: Optional[subprocess.Popen] = None  # our own child (None when adopted)
+        self.child = False  # our own child (False when adopted): we reap it
+        self.popen: Optional[subprocess.Popen] = None  # when it was started by Popen (user switch)
+        self.status: Optional[int] = None  # its wait status once reaped (Popen.returncode style)
+        self.cwd = "/"
         self.pidfd: Optional[int] = None
         self.exited = loop.create_future()  # done when the job has ended and is recorded
         self.timer: Optional[asyncio.TimerHandle] = None
@@ -383,6 +420,8 @@ class JobManager:
         self._pending: Dict[int, Dict[str, Any]] = {}  # ends not yet written (store error): retried
         self._use_pidfd = _HAVE_PIDFD
         self._ready = False  # True once start() has adopted every running job
+        self._use_spawn = _HAVE_SPAWN
+        self._environ: Dict[bytes, bytes] = {}  # the daemon's environment for posix_spawn (a dict: fast)
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -399,6 +438,8 @@ class JobManager:
         except OSError as exc:
             raise JobError(f"cannot create {self.jobs_dir}: {exc.strerror or exc}", "store") from None
         self.store.open()
+        _cloexec_inherited()
+        self._environ = dict(os.environb)
         self._loop = asyncio.get_running_loop()
         self._boot_id = _boot_id()
         try:
@@ -432,8 +473,8 @@ class JobManager:
             if job.timer is not None:
                 job.timer.cancel()
             if job.popen is not None and job.popen.returncode is None:
-                # Left running on purpose: keep Popen.__del__ from warning or
-                # reaping it behind the next manager's back.
+                # Left running on purpose: keep Popen.__del__ from warning about it
+                # or reaping it behind the next manager's back.
                 job.popen.returncode = 0
         tasks = list(self._tasks)
         for task in tasks:
@@ -724,11 +765,16 @@ class JobManager:
             env = None  # the daemon's own, inherited as is
             if plan.identity is not None or spec["env"]:
                 env = execute._environment(plan.identity, spec["env"])
-            self._launch(job, cmd, env, cwd, plan)
+            job.cwd = cwd
+            self._launch(job, cmd, env, plan)
         self._schedule()
 
-    def _launch(self, job: _Job, cmd: List[str], env: Optional[Dict[str, str]], cwd: str, plan: Any) -> None:
-        """Spawn the wrapper (synchronously: no await between the files and the record)."""
+    def _launch(self, job: _Job, cmd: List[str], env: Optional[Dict[str, str]], plan: Any) -> None:
+        """Spawn the wrapper (synchronously: no await between the files and the record).
+
+        posix_spawn (vfork: its cost does not grow with the daemon's size; Python 3.9's
+        Popen forks, 2+ ms for a daemon with gRPC loaded) unless the job switches user,
+        which only Popen does; Popen then closes every other descriptor itself."""
         where = job.dir
         fds: List[int] = []
         try:
@@ -751,19 +797,31 @@ class JobManager:
             self._conclude(job, FAILED, None, f"cannot create the job's output files in {where}: "
                                               f"{exc.strerror or exc}")
             return
-        argv = [execute.SHELL, "-c", _WRAPPER, f"{_MARKER}:{self.store.store_id}:{job.seq}", job.job_id] + cmd
+        argv = [execute.SHELL, "-c", _WRAPPER, f"{_MARKER}:{self.store.store_id}:{job.seq}", job.job_id,
+                job.cwd] + cmd
         try:
-            popen = subprocess.Popen(argv, stdin=fds[2], stdout=fds[0], stderr=fds[1], cwd=cwd, env=env,
-                                     start_new_session=True, close_fds=True, **plan.popen_kwargs)
+            if self._use_spawn and not plan.popen_kwargs:
+                try:
+                    job.pid = os.posix_spawn(
+                        execute.SHELL, argv, self._environ if env is None else env, setsid=True,
+                        file_actions=[(os.POSIX_SPAWN_DUP2, fds[2], 0), (os.POSIX_SPAWN_DUP2, fds[0], 1),
+                                      (os.POSIX_SPAWN_DUP2, fds[1], 2)],
+                        setsigdef=_DEFAULT_SIGNALS, setsigmask=())
+                except NotImplementedError:  # a libc without POSIX_SPAWN_SETSID
+                    self._use_spawn = False
+            if job.pid is None:
+                job.popen = subprocess.Popen(argv, stdin=fds[2], stdout=fds[0], stderr=fds[1], env=env,
+                                             start_new_session=True, close_fds=True, **plan.popen_kwargs)
+                job.pid = job.popen.pid
         except Exception as exc:  # noqa: BLE001 - every spawn failure is the job's failure
-            rc, error = execute._spawn_failure(exc, execute.SHELL, cwd, plan)
+            rc, error = execute._spawn_failure(exc, execute.SHELL, job.cwd, plan)
             self._conclude(job, FAILED, rc, error)
             return
         finally:
             for fd in fds:
                 os.close(fd)
-        job.popen, job.pid = popen, popen.pid
-        ident = _proc_start(popen.pid)  # it cannot be reaped yet: we have not waited
+        job.child = True
+        ident = _proc_start(job.pid)  # it cannot be reaped yet: we have not waited
         job.pid_start = ident[1] if ident is not None else None
         try:
             self.store.update(job.seq, {"state": RUNNING, "pid": job.pid, "pid_start": job.pid_start,
@@ -784,13 +842,13 @@ class JobManager:
                 elif exc.errno != errno.ESRCH:
                     log.warning("job %s: pidfd_open: %s; polling it", job.job_id, exc)
         if job.pidfd is not None:
-            if job.popen is None and not _same_process(job.pid, job.pid_start):
+            if not job.child and not _same_process(job.pid, job.pid_start):
                 os.close(job.pidfd)  # it ended (or the pid was reused) before the pidfd was open
                 job.pidfd = None
                 self._ended(job)
                 return
             self._loop.add_reader(job.pidfd, self._ended, job)
-        elif job.popen is None and not _same_process(job.pid, job.pid_start):
+        elif not job.child and not _same_process(job.pid, job.pid_start):
             self._ended(job)
             return
         self._arm_tick()
@@ -803,9 +861,26 @@ class JobManager:
 
     def _gone(self, job: _Job) -> bool:
         """Polling (no pidfd): has the job's wrapper ended?"""
-        if job.popen is not None:
-            return job.popen.poll() is not None
+        if job.child:
+            return self._reap(job)
         return not _same_process(job.pid, job.pid_start)
+
+    @staticmethod
+    def _reap(job: _Job) -> bool:
+        """Wait (without blocking) for our own child; True once it has ended (status in job.status)."""
+        if job.status is not None:
+            return True
+        if job.popen is not None:
+            job.status = job.popen.poll()
+            return job.status is not None
+        try:
+            pid, status = os.waitpid(job.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped by someone else: ended, status unknown
+            return True
+        if pid == 0:
+            return False
+        job.status = os.waitstatus_to_exitcode(status)
+        return True
 
     def _arm_tick(self) -> None:
         if self._tick is not None or self._closing:
@@ -858,27 +933,32 @@ class JobManager:
         if job.concluded:
             return
         self._unwatch(job)
-        status = None
-        if job.popen is not None:
-            status = job.popen.poll()
+        if job.child:
+            self._reap(job)
         else:
             try:
                 os.waitpid(job.pid, os.WNOHANG)  # our child from an earlier manager in this process
             except ChildProcessError:
                 pass
-        rc = _read_rc(os.path.join(job.dir, _RC_FILE))
-        why = note = ""
-        if rc is None and status is not None:
+        text = _read_status(os.path.join(job.dir, _RC_FILE))
+        status, why, note = job.status, "", ""
+        if text is None and status is not None:
             if status < 0:
                 why = f"its wrapper was {execute._describe_signal(status)} before it could record the exit status"
             else:  # the wrapper exits with the command's status: the file write failed (full disk?)
-                rc, note = status, f"exit status from the wrapper: it could not write it to {job.dir}"
-        state, rc, error = self._end_state(job, rc, why)
+                text, note = str(status), f"exit status from the wrapper: it could not write it to {job.dir}"
+        state, rc, error = self._end_state(job, text, why)
         self._conclude(job, state, rc, "; ".join(filter(None, (error, note))))
         self._kill_leftovers(job)
         self._schedule()
 
-    def _end_state(self, job: _Job, rc: Optional[int], why_lost: str) -> Tuple[str, Optional[int], str]:
+    def _end_state(self, job: _Job, text: Optional[str], why_lost: str) -> Tuple[str, Optional[int], str]:
+        """(state, rc, error) of an ended job from what its wrapper wrote (see _read_status)."""
+        if text == _CD_FAILED:
+            reason = _first_line(os.path.join(job.dir, "stderr"))
+            return FAILED, None, f"cannot start the command: cannot change to directory {job.cwd}" + (
+                f" ({reason})" if reason else "")
+        rc = None if text is None else int(text)
         if job.kill_reason == "kill":
             return KILLED, rc, "killed on request"
         if job.kill_reason == "timeout":
@@ -1000,6 +1080,10 @@ class JobManager:
         job.spec_bytes = row["stored_bytes"]
         job.kill_reason = row["kill_reason"]
         job.truncated = {name: bool(row[f"{name}_truncated"]) for name in _STREAMS}
+        try:
+            job.cwd = self._resolve_cwd(job.job_id, job.spec["cwd"])
+        except JobError:  # the base dir changed: only for messages here
+            job.cwd = job.spec["cwd"]
         pid, start_time = row["pid"], row["start_time"]
         extra: Dict[str, Any] = {}
         if row["state"] == QUEUED:
@@ -1020,8 +1104,8 @@ class JobManager:
                  and _same_process(pid, job.pid_start))
         if not alive:
             rc_path = os.path.join(self._dir(seq), _RC_FILE)
-            rc = _read_rc(rc_path)
-            if rc is not None:
+            text = _read_status(rc_path)
+            if text is not None:
                 extra["end_time"] = os.stat(rc_path).st_mtime  # when the wrapper wrote it
                 why = ""
             elif row["state"] == QUEUED:
@@ -1033,7 +1117,7 @@ class JobManager:
                 why = ""
                 if now is not None and now[1] != job.pid_start:
                     why = f"its process vanished without an exit status (pid {pid} now belongs to another process)"
-            self._conclude(job, *self._end_state(job, rc, why), extra=extra)
+            self._conclude(job, *self._end_state(job, text, why), extra=extra)
             return
         job.pid = pid
         self._active[seq] = job

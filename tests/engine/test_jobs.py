@@ -176,6 +176,13 @@ async def test_env_cwd_and_job_id(managers, tmp_path):
     await m.submit(JobSpec(id="env-3", shell="true", cwd="/missing"))
     rec = await finished(m, "env-3")
     assert rec.state == FAILED and "missing" in rec.error and rec.start_time is None
+    if IS_ROOT:  # a directory the job's user may not enter (the daemon's checks can stat it)
+        (base / "locked").mkdir(mode=0o700)
+        os.chmod(base, 0o755)
+        await m.submit(JobSpec(id="env-4", shell="echo never", cwd="/locked", user="nobody"))
+        rec = await finished(m, "env-4")
+        assert (rec.state, rec.rc, rec.stdout) == (FAILED, None, b"")
+        assert rec.error.startswith(f"cannot start the command: cannot change to directory {base / 'locked'} (")
 
 
 async def test_start_failures_are_clear(managers):
