@@ -205,6 +205,20 @@ async def test_start_failures_are_clear(managers):
     assert (rec.state, rec.stdout) == (DONE, b"x")
 
 
+async def test_jobs_inherit_no_descriptors(managers):
+    r, w = os.pipe()
+    os.set_inheritable(w, True)  # as if whoever started the daemon had left it open
+    try:
+        m = await managers()
+        await m.submit(JobSpec(id="fds", shell="ls /proc/self/fd"))
+        rec = await finished(m, "fds")
+    finally:
+        os.close(r)
+        os.close(w)
+    fds = {int(x) for x in rec.stdout.split()}
+    assert w > 3 and fds <= {0, 1, 2, 3}, fds  # 3: ls's own directory descriptor
+
+
 @pytest.mark.skipif(not IS_ROOT, reason="needs root to switch users")
 async def test_runs_as_user(managers, tmp_path):
     m = await managers()
