@@ -37,12 +37,17 @@ What a caller can rely on:
 * **Jobs outlive the daemon.** Each job runs in its own session (its own
   process group), stdin ``/dev/null``, stdout and stderr appended to files the
   daemon opens in ``STATE_DIR/jobs/<n>/`` (``n`` is the store's row number,
-  not the id), under a ``/bin/sh`` wrapper (a few hundred bytes of shell, not
-  a Python process: one fork per job) that runs the command as its child and
-  writes its exit status to a file descriptor the daemon opened, closed for
-  the command itself.  The wrapper catches SIGHUP/SIGINT/SIGTERM (the command
-  does not inherit that) so that a signal to the whole group still records
-  the command's status.  ``env`` comes on top of the daemon's environment,
+  not the id; the state dir may stay private: the job gets descriptors, not
+  paths), under a ``/bin/sh`` wrapper (a line of shell, not a Python process:
+  one more small process per job) that runs the command as its child and
+  writes its exit status to a descriptor the daemon opened, closed for the
+  command itself.  The wrapper catches SIGHUP/SIGINT/SIGTERM (the command does
+  not inherit that) so that a signal to the whole group still records the
+  command's status.  A job that keeps the daemon's user is started with
+  ``posix_spawn`` (its cost does not grow with the daemon's memory, unlike a
+  fork); one that switches ``user`` with ``subprocess.Popen`` as exec does
+  (the wrapper and the command both run as that user).  Jobs inherit no
+  descriptor of the daemon.  ``env`` comes on top of the daemon's environment,
   with the user's HOME/USER/LOGNAME when it runs as another ``user`` (exactly
   as :func:`relaytree.execute.run_command`), plus ``RELAYTREE_JOB_ID``; the
   daemon's environment is the one it had at :meth:`start`.

@@ -268,6 +268,19 @@ async def test_bad_specs_refused(managers, kw, message):
     assert m.list() == []
 
 
+@pytest.mark.parametrize("kw, message", [
+    ({"slots": 0}, "slots must be an int >= 1"),
+    ({"output_limit": -1}, "output_limit must be an int in"),
+    ({"kill_grace": -1}, "kill_grace must be >= 0"),
+    ({"retention": Retention(keep=0)}, "keep must be >= 1"),
+    ({"retention": Retention(max_age=-1)}, "max_age must be a number of seconds >= 0"),
+    ({"max_queued": -1}, "max_queued must be an int >= 0"),
+])
+def test_bad_manager_settings(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        JobManager(str(tmp_path), **kw)
+
+
 # --------------------------------------------------------------------------- idempotency
 
 
