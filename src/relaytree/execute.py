@@ -445,9 +445,6 @@ class _Execution:
         return all(f.done() for f in self.capture.eof.values())
 
     # -- killing -------------------------------------------------------------
-    def group_gone(self) -> bool:
-        return _group_gone(self.pgid, self.capture.exited)
-
     async def terminate(self) -> float:
         """SIGTERM the group, SIGKILL it after the grace (see _terminate_group)."""
         return await _terminate_group(self.loop, self.pgid, self.capture.exited, self.kill_grace)
