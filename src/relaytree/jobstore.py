@@ -173,8 +173,10 @@ class JobStore:
             if "locked" in text:
                 raise JobError(f"the job store {self.path} is locked by another process (another relaytree "
                                "daemon with the same state dir?)", "store") from None
-            raise JobError(f"the job store {self.path} cannot be used: {text}. It was left as it is: "
-                           "move it away to start with an empty job history", "store") from None
+            if "not a database" in text or "malformed" in text or "integrity" in text:
+                raise JobError(f"the job store {self.path} cannot be used: {text}. It was left as it is: "
+                               "move it away to start with an empty job history", "store") from None
+            raise JobError(f"cannot open the job store {self.path}: {text}", "store") from None
         self.conn = conn
         self.finished_count, self.finished_bytes, self.oldest_end = row[0], int(row[1]), row[2]
 

@@ -793,3 +793,11 @@ async def test_close_leaves_jobs_running(managers, tmp_path):
     m = await managers()
     open_gate(tmp_path, "g")
     assert (await finished(m, "c")).rc == 9
+
+
+async def test_store_that_cannot_be_opened(tmp_path):
+    state = tmp_path / "state"
+    (state / "jobs.db").mkdir(parents=True)  # a directory where the file should be
+    with pytest.raises(JobError, match="cannot open the job store .*jobs.db") as err:
+        await JobManager(str(state), slots=1).start()
+    assert err.value.code == "store" and "move it away" not in str(err.value)
