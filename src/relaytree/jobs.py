@@ -1017,9 +1017,9 @@ class JobManager:
         fields: Dict[str, Any] = {"state": state, "rc": rc, "error": error, "end_time": time.time()}
         fields.update(extra or {})
         stored = job.spec_bytes
-        where = job.dir
+        useless = [_RC_FILE]  # files the record does not need once the end is written
         for name in _STREAMS:
-            path = os.path.join(where, name)
+            path = os.path.join(job.dir, name)
             try:
                 size = os.stat(path).st_size
                 if size > job.output_limit:
@@ -1028,6 +1028,8 @@ class JobManager:
                     size = job.output_limit
             except OSError:
                 size = 0
+            if not size:
+                useless.append(name)
             stored += size
             fields[f"{name}_truncated"] = int(job.truncated[name])
         fields["stored_bytes"] = stored
@@ -1040,6 +1042,10 @@ class JobManager:
                 raise
         else:
             self._write_end(job.seq, fields)
+        if job.seq not in self._pending:
+            # Held inodes matter as much as bytes (job caches that exhausted inodes):
+            # a finished job without output keeps no file at all.
+            self._remove_files(job.dir, useless)
         if not job.exited.done():
             job.exited.set_result(None)
 
@@ -1061,19 +1067,22 @@ class JobManager:
 
     def _remove_dirs(self, seqs: Sequence[int]) -> None:
         for seq in seqs:
-            where = self._dir(seq)
-            for name in _STREAMS + (_RC_FILE,):
-                try:
-                    os.unlink(os.path.join(where, name))
-                except FileNotFoundError:
-                    pass
-                except OSError as exc:
-                    log.warning("cannot remove %s/%s: %s", where, name, exc)
+            self._remove_files(self._dir(seq), _STREAMS + (_RC_FILE,))
+
+    @staticmethod
+    def _remove_files(where: str, names: Sequence[str]) -> None:
+        """Remove these files of a job's directory, and the directory once it is empty."""
+        for name in names:
             try:
-                os.rmdir(where)
+                os.unlink(os.path.join(where, name))
             except FileNotFoundError:
                 pass
             except OSError as exc:
+                log.warning("cannot remove %s/%s: %s", where, name, exc)
+        try:
+            os.rmdir(where)
+        except (FileNotFoundError, OSError) as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY):
                 log.warning("cannot remove %s: %s", where, exc)
 
     # -- re-adoption --------------------------------------------------------------------------

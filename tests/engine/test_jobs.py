@@ -150,6 +150,9 @@ async def test_submit_get_list(managers, tmp_path):
     rec = await finished(m, "j2")
     assert (rec.state, rec.rc, rec.error) == (FAILED, 3, "")
     assert rec.command == "sh -c 'exit 3'" and rec.argv == ["sh", "-c", "exit 3"]
+    # Files: only the output there is (a job without output keeps no file, no directory).
+    assert sorted(os.listdir(Path(m.jobs_dir) / str(_seq(m, "j1")))) == ["stderr", "stdout"]
+    assert not (Path(m.jobs_dir) / str(_seq(m, "j2"))).exists()
     assert [r.id for r in m.list()] == ["j1", "j2"]
     assert [r.id for r in m.list(states=[FAILED])] == ["j2"]
     assert [r.id for r in m.list(ids=["j2", "nope", "j1"])] == ["j1", "j2"]
