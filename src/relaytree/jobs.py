@@ -1132,6 +1132,11 @@ class JobManager:
                 if now is not None and now[1] != job.pid_start:
                     why = f"its process vanished without an exit status (pid {pid} now belongs to another process)"
             self._conclude(job, *self._end_state(job, text, why), extra=extra)
+            if pid is not None and (row["boot_id"] or "") == self._boot_id:
+                now = _proc_start(pid)
+                if now is None or now[1] == job.pid_start:  # gone, or our wrapper as a zombie
+                    job.pid = pid  # what it left in its group dies now, as it would have then
+                    self._kill_leftovers(job)
             return
         job.pid = pid
         self._active[seq] = job

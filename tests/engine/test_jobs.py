@@ -517,15 +517,19 @@ async def test_daemon_death_neither_kills_nor_forgets(hosts, managers, tmp_path,
 
 async def test_job_finished_while_no_daemon(hosts, managers, tmp_path):
     host = hosts()
-    rec = host.submit(id="solo", shell=f"{gate(tmp_path, 'g')}; echo bye")
+    rec = host.submit(id="solo", shell=f"sleep 300 & echo $!; {gate(tmp_path, 'g')}; echo bye")
     hosts.pids.append(rec["pid"])
     host.stop(signal.SIGKILL)
     open_gate(tmp_path, "g")
     wait_sync(lambda: not alive(rec["pid"]), "job ended")
+    (job_dir,) = (tmp_path / "state" / "jobs").iterdir()  # read while no manager runs
+    leftover = int((job_dir / "stdout").read_bytes().split()[0])
+    assert alive(leftover)
     m = await managers()
     rec2 = m.get("solo")
-    assert (rec2.state, rec2.rc, rec2.stdout) == (DONE, 0, b"bye\n")
+    assert (rec2.state, rec2.rc, rec2.stdout) == (DONE, 0, f"{leftover}\nbye\n".encode())
     assert rec2.start_time <= rec2.end_time
+    await until(lambda: not alive(leftover), "what the job left running is killed")
 
 
 async def test_lost_when_no_status(hosts, managers, tmp_path):
