@@ -52,7 +52,7 @@ test-py39: setup
 	test -x $(VENV39)/bin/python || $(PYTHON39) -m venv $(VENV39); \
 	$(VENV39)/bin/pip install -q -e . pytest pytest-asyncio hypothesis psutil && \
 	$(VENV39)/bin/python $(PYTEST) tests/engine/test_execute.py tests/engine/test_filecopy.py \
-	    tests/engine/test_auth.py tests/engine/test_keys.py \
+	    tests/engine/test_auth.py tests/engine/test_keys.py tests/engine/test_jobs.py \
 	    tests/engine/test_tree.py tests/engine/test_filefetch.py tests/engine/test_fetch.py \
 	    -k "not memory and not 1gib"
 

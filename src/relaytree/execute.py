@@ -170,6 +170,7 @@ class _Plan:
     popen_kwargs: Dict[str, Any] = field(default_factory=dict)
     identity: Optional[pwd.struct_passwd] = None
     program_found: bool = False
+    program_path: str = ""  # where PATH lookup found the program (as given when it has a /)
 
 
 def _user_label(uid: int) -> str:
@@ -218,8 +219,10 @@ def _prepare(user: Optional[str], cwd: str, program: Union[str, bytes, None], pa
             if "/" in name:
                 full = os.path.join(cwd, name)
                 plan.program_found = os.path.isfile(full)
+                plan.program_path = name
             else:
-                plan.program_found = shutil.which(name, path=path) is not None
+                plan.program_path = shutil.which(name, path=path) or ""
+                plan.program_found = bool(plan.program_path)
         except Exception:
             pass
     return plan
@@ -333,6 +336,58 @@ def _group_has_live_member(pgid: int) -> bool:
     return False
 
 
+def _group_gone(pgid: int, exited: "asyncio.Future[Any]") -> bool:
+    """True once the main process is reaped (``exited`` done) and no live member of its group is left."""
+    return exited.done() and not _group_has_live_member(pgid)
+
+
+async def _wait_group_gone(loop: asyncio.AbstractEventLoop, pgid: int, exited: "asyncio.Future[Any]",
+                           until: float, poll: float) -> bool:
+    """Wait until the group is gone (True) or loop time `until` (False)."""
+    while not _group_gone(pgid, exited):
+        left = until - loop.time()
+        if left <= 0:
+            return False
+        if exited.done():
+            await asyncio.sleep(min(poll, left))
+        else:
+            await asyncio.wait([exited], timeout=min(poll * 2, left))
+    return True
+
+
+async def _terminate_group(loop: asyncio.AbstractEventLoop, pgid: int, exited: "asyncio.Future[Any]",
+                           kill_grace: float) -> float:
+    """SIGTERM the group, SIGKILL it after the grace; return the loop time of the last signal.
+
+    ``exited`` is done once the group's main process is reaped.  A
+    cancellation while waiting sends SIGKILL at once and propagates.
+    """
+    last = loop.time()
+    if not _signal_group(pgid, signal.SIGTERM):
+        return last
+    try:
+        if not await _wait_group_gone(loop, pgid, exited, last + kill_grace, _POLL):
+            last = loop.time()
+            _signal_group(pgid, signal.SIGKILL)
+            # SIGKILLed processes die at once, but not synchronously: wait
+            # for them, so that nothing of the command is left on return.
+            await _wait_group_gone(loop, pgid, exited, last + REAP_WAIT, _POLL / 2.5)
+    except asyncio.CancelledError:
+        if not _group_gone(pgid, exited):
+            _signal_group(pgid, signal.SIGKILL)
+        raise
+    return last
+
+
+def _environment(identity: Optional[pwd.struct_passwd], extra_env: Mapping[str, str]) -> Dict[str, str]:
+    """A command's environment: the daemon's, the user's identity, then the caller's."""
+    env = dict(os.environ)
+    if identity is not None:
+        env.update(HOME=identity.pw_dir, USER=identity.pw_name, LOGNAME=identity.pw_name)
+    env.update(extra_env)
+    return env
+
+
 def _describe_signal(rc: int) -> str:
     try:
         name = signal.Signals(-rc).name
@@ -387,43 +442,12 @@ class _Execution:
         return all(f.done() for f in self.capture.eof.values())
 
     # -- killing -------------------------------------------------------------
-    def group_gone(self) -> bool:
-        """True once the main process is reaped and no live member of its group is left."""
-        return self.capture.exited.done() and not _group_has_live_member(self.pgid)
-
     async def terminate(self) -> float:
-        """SIGTERM the group, SIGKILL it after the grace; return the loop time of the last signal.
-
-        A second cancellation while waiting sends SIGKILL at once and propagates.
-        """
-        last = self.loop.time()
-        if not _signal_group(self.pgid, signal.SIGTERM):
-            return last
-        try:
-            if not await self.wait_gone(last + self.kill_grace, _POLL):
-                last = self.loop.time()
-                _signal_group(self.pgid, signal.SIGKILL)
-                # SIGKILLed processes die at once, but not synchronously: wait
-                # for them, so that nothing of the command is left on return.
-                await self.wait_gone(last + REAP_WAIT, _POLL / 2.5)
-        except asyncio.CancelledError:
-            if not self.group_gone():
-                _signal_group(self.pgid, signal.SIGKILL)
-            raise
-        return last
+        """SIGTERM the group, SIGKILL it after the grace (see _terminate_group)."""
+        return await _terminate_group(self.loop, self.pgid, self.capture.exited, self.kill_grace)
 
     async def wait_gone(self, until: float, poll: float) -> bool:
-        """Wait until the group is gone (True) or loop time `until` (False)."""
-        loop, exited = self.loop, self.capture.exited
-        while not self.group_gone():
-            left = until - loop.time()
-            if left <= 0:
-                return False
-            if exited.done():
-                await asyncio.sleep(min(poll, left))
-            else:
-                await asyncio.wait([exited], timeout=min(poll * 2, left))
-        return True
+        return await _wait_group_gone(self.loop, self.pgid, self.capture.exited, until, poll)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -567,9 +591,8 @@ async def run_command(
     started = time.monotonic()
     deadline = None if timeout is None else loop.time() + timeout
 
-    full_env = dict(os.environ)
     program = cmd[0] if argv is not None else None
-    path = os.pathsep.join(os.get_exec_path({**full_env, **extra_env}))
+    path = os.pathsep.join(os.get_exec_path({**os.environ, **extra_env}))
 
     def not_run(status: str, error: str, rc: Optional[int] = None) -> ExecOutcome:
         return ExecOutcome(status=status, rc=rc, error=error, elapsed=time.monotonic() - started)
@@ -602,9 +625,7 @@ async def run_command(
         return not_run(FAILED, plan.error)
 
     # 2. Environment: the daemon's, the user's identity, then the caller's.
-    if plan.identity is not None:
-        full_env.update(HOME=plan.identity.pw_dir, USER=plan.identity.pw_name, LOGNAME=plan.identity.pw_name)
-    full_env.update(extra_env)
+    full_env = _environment(plan.identity, extra_env)
 
     # 3. Run.
     execution = _Execution(loop, output_limit, kill_grace)
